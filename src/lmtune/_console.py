@@ -1,0 +1,31 @@
+"""The one place that talks to the terminal: log lines and progress bars.
+
+Library code logs through ``log`` (logger "lmtune"); the CLI decides where it goes. Progress bars are
+tqdm, written to stderr, shown only on the main process and only when asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger("lmtune")
+
+
+def setup_cli_logging(verbose: bool = False) -> None:
+    if any(getattr(h, "_lmtune", False) for h in log.handlers):
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._lmtune = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+def progress(total: int, desc: str, enabled: bool, initial: int = 0, leave: bool = False) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, initial=initial, leave=leave,
+                dynamic_ncols=True, file=sys.stderr, mininterval=0.5)

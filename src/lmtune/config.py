@@ -1,0 +1,207 @@
+"""Configuration: the one source of truth.
+
+Each field's docstring (the string literal under it) is its ``--help`` text; CLI flags and YAML keys are
+generated from these dataclasses (see :mod:`lmtune._fields`). Validation happens at construction and
+names the flag a user would type, so a bad value fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lmtune.errors import ConfigError
+
+Method = Literal["full", "lora", "head"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Schedule = Literal["linear", "cosine", "constant"]
+Metric = Literal["accuracy", "macro_f1", "val_loss"]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check(cond: bool, name: str, msg: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{_flag(name)} {msg}, got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    """Where the labelled text is and how to read it."""
+
+    train_file: str = ""
+    """Training data: CSV, TSV, JSONL or Parquet with a header (alias: --data)."""
+    val_file: str | None = None
+    """Validation data in the same layout. Without it, a stratified --val-fraction of --train-file is held out."""
+    text_column: str | None = None
+    """Column holding the text; detected when obvious (text, sentence, ...)."""
+    text_pair_column: str | None = None
+    """Second text column for sentence-pair tasks (e.g. premise/hypothesis)."""
+    label_column: str | None = None
+    """Column holding the label; detected when obvious (label, category, ...)."""
+    val_fraction: float = 0.2
+    """Fraction of --train-file held out (stratified, seeded) when --val-file is not given."""
+    max_train_rows: int | None = None
+    """Use at most this many training rows (stratified sample, seeded); the rest are not used."""
+    max_val_rows: int | None = None
+    """Use at most this many validation rows (stratified sample, seeded)."""
+    split_seed: int = 42
+    """Seed of the validation split and row sampling; separate from --seed so trials share one split."""
+    empty_text: Literal["error", "skip"] = "error"
+    """What to do with rows whose text is empty: stop with an error naming the line, or skip and count them."""
+    missing_label: Literal["error", "skip"] = "error"
+    """What to do with rows whose label is empty: stop with an error naming the line, or skip and count them."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.val_fraction < 1.0, "val_fraction", "must be between 0 and 1 (exclusive)", self.val_fraction)
+        for name in ("max_train_rows", "max_val_rows"):
+            value = getattr(self, name)
+            _check(value is None or value >= 2, name, "must be >= 2", value)
+        _check(self.empty_text in ("error", "skip"), "empty_text", "must be 'error' or 'skip'", self.empty_text)
+        _check(self.missing_label in ("error", "skip"), "missing_label", "must be 'error' or 'skip'", self.missing_label)
+
+
+@dataclass
+class ModelConfig:
+    """Which checkpoint to fine-tune and how."""
+
+    name: str = "smollm2-135m-instruct"
+    """An alias (see `lmtune models`), a hub id, a local folder, or a .gguf file (alias: --model)."""
+    method: Method = "full"
+    """full: train every weight; lora: low-rank adapters (peft) plus the head; head: frozen body, train the head only."""
+    lora_rank: int = 16
+    """LoRA rank r (only with --method lora)."""
+    lora_alpha: float = 32.0
+    """LoRA scaling alpha (only with --method lora); the update is scaled by alpha / rank."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch (only with --method lora)."""
+    trust_remote_code: bool = False
+    """Allow a checkpoint to run its own Python code. Off unless you trust its author."""
+    cache_dir: str | None = None
+    """Where converted checkpoints (e.g. GGUF -> safetensors) are cached; default ~/.cache/lmtune (env LMTUNE_CACHE)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model", "must name a checkpoint", self.name)
+        _check(self.method in ("full", "lora", "head"), "method", "must be one of full, lora, head", self.method)
+        _check(self.lora_rank >= 1, "lora_rank", "must be >= 1", self.lora_rank)
+        _check(self.lora_alpha > 0, "lora_alpha", "must be > 0", self.lora_alpha)
+        _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)", self.lora_dropout)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: the key parameters and the ones around them."""
+
+    learning_rate: float = 5e-5
+    """Peak learning rate of AdamW (alias: --lr)."""
+    global_batch_size: int = 16
+    """Examples per optimizer step, summed over gradient accumulation and processes (alias: --batch-size)."""
+    micro_batch_size: int | None = None
+    """Examples per forward pass on one process; default = the global batch. Lowered automatically on out-of-memory."""
+    epochs: int = 3
+    """Passes over the training data."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides --epochs when reached first)."""
+    warmup_ratio: float = 0.06
+    """Fraction of all optimizer steps spent warming the learning rate up from 0."""
+    lr_schedule: Schedule = "linear"
+    """Learning-rate decay after warmup: linear, cosine or constant."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and norm weights)."""
+    max_length: int = 128
+    """Longest tokenised input; longer texts are truncated and the truncation rate is reported."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this value; 0 or none disables clipping."""
+    seed: int = 0
+    """Seed of initialisation, shuffling and dropout."""
+    precision: Precision = "auto"
+    """auto: bf16 where the hardware runs it well (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32; or fp32, bf16, fp16."""
+    eval_every_steps: int | None = None
+    """Evaluate every N optimizer steps as well as at the end of each epoch (default: each epoch only)."""
+    eval_batch_size: int | None = None
+    """Examples per evaluation forward pass (default: 2 x micro batch)."""
+    metric: Metric = "accuracy"
+    """Metric that picks the best checkpoint and drives early stopping."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without improvement of --metric (default: never)."""
+    group_by_length: bool = True
+    """Batch texts of similar length together (less padding); batches are still shuffled."""
+    checkpoint_every_steps: int | None = None
+    """Also write a resumable checkpoint every N optimizer steps (one is always written after each evaluation)."""
+    log_every_steps: int = 10
+    """Record the training loss every N optimizer steps."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        _check(self.learning_rate > 0, "learning_rate", "must be > 0", self.learning_rate)
+        _check(self.global_batch_size >= 1, "batch_size", "must be >= 1", self.global_batch_size)
+        _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1", self.micro_batch_size)
+        _check(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
+        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1", self.max_steps)
+        _check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)", self.warmup_ratio)
+        _check(self.lr_schedule in ("linear", "cosine", "constant"), "lr_schedule", "must be linear, cosine or constant", self.lr_schedule)
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        _check(self.max_length >= 8, "max_length", "must be >= 8", self.max_length)
+        _check(self.max_grad_norm is None or self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0", self.max_grad_norm)
+        _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "must be auto, fp32, bf16 or fp16", self.precision)
+        _check(self.eval_every_steps is None or self.eval_every_steps >= 1, "eval_every_steps", "must be >= 1", self.eval_every_steps)
+        _check(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1", self.eval_batch_size)
+        _check(self.metric in ("accuracy", "macro_f1", "val_loss"), "metric", "must be accuracy, macro_f1 or val_loss", self.metric)
+        _check(self.early_stopping_patience is None or self.early_stopping_patience >= 1, "early_stopping_patience", "must be >= 1", self.early_stopping_patience)
+        _check(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1, "checkpoint_every_steps", "must be >= 1", self.checkpoint_every_steps)
+        _check(self.log_every_steps >= 1, "log_every_steps", "must be >= 1", self.log_every_steps)
+        if self.micro_batch_size is not None and self.micro_batch_size > self.global_batch_size:
+            raise ConfigError(
+                f"--micro-batch-size ({self.micro_batch_size}) must not exceed --batch-size ({self.global_batch_size})"
+            )
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric != "val_loss"
+
+
+@dataclass
+class RunConfig:
+    """One fine-tuning run: data + model + optimisation + where to write."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/latest"
+    """Folder for the model, the run record and checkpoints (alias: --out)."""
+    resume: bool = False
+    """Continue an interrupted run from the newest whole checkpoint in --output-dir."""
+    overwrite: bool = False
+    """Allow writing into an --output-dir that already holds a finished run."""
+    report: bool = True
+    """Write report.html into the output folder at the end."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known - {"data", "model", "train"}
+        if unknown:
+            raise ConfigError(f"unknown config keys: {sorted(unknown)}")
+        return cls(
+            data=_sub(DataConfig, d.pop("data", {}), "data"),
+            model=_sub(ModelConfig, d.pop("model", {}), "model"),
+            train=_sub(TrainConfig, d.pop("train", {}), "train"),
+            **d,
+        )
+
+
+def _sub(cls: type, d: dict[str, Any] | None, section: str) -> Any:
+    d = dict(d or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown keys in section '{section}': {unknown}; known: {sorted(known)}")
+    return cls(**d)

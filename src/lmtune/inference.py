@@ -1,0 +1,155 @@
+"""evaluate and predict: use a saved lmtune/transformers folder on new data."""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmtune._io import atomic_write_json
+from lmtune.errors import DataError, ModelError
+
+
+@dataclass
+class Classifier:
+    """A saved model ready for inference, with the settings it was trained with."""
+
+    path: Path
+    model: Any
+    tokenizer: Any
+    labels: list[str]
+    max_length: int
+    record: dict[str, Any]
+    autocast_dtype: torch.dtype | None
+
+    @property
+    def columns(self) -> dict[str, str | None]:
+        data = self.record.get("data", {})
+        return {"text_column": data.get("text_column"), "text_pair_column": data.get("text_pair_column"),
+                "label_column": data.get("label_column")}
+
+
+def load(model_dir: str, *, precision: str = "auto", max_length: int | None = None) -> Classifier:
+    """Load a folder written by ``lmtune train`` (or any sequence-classification checkpoint)."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from lmtune.models import load_tokenizer
+    from lmtune.train.loop import RECORD_FILE, resolve_precision
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{model_dir}: not a model folder (no config.json); pass the --out folder of `lmtune train`")
+    record_file = path / RECORD_FILE
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
+    except Exception as e:
+        raise ModelError(f"{model_dir}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    model.eval()
+    tokenizer = load_tokenizer(str(path))
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    mixed = resolve_precision(precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    ml = max_length or record.get("config", {}).get("train", {}).get("max_length") or 512
+    return Classifier(path, model, tokenizer, labels, int(ml), record, dtype)
+
+
+def _logits(clf: Classifier, table, batch_size: int) -> tuple[np.ndarray, Any]:
+    from lmtune.data.batching import encode
+    from lmtune.train.loop import predict_logits
+
+    enc = encode(clf.tokenizer, table, None, clf.max_length)
+    device = next(clf.model.parameters()).device
+    ctx = torch.autocast(device.type, dtype=clf.autocast_dtype) if clf.autocast_dtype else nullcontext()
+    with ctx:
+        logits = predict_logits(clf.model, enc, batch_size, clf.tokenizer.pad_token_id)
+    return logits, enc
+
+
+def evaluate(model_dir: str, data_file: str, *, text_column: str | None = None, text_pair_column: str | None = None,
+             label_column: str | None = None, batch_size: int = 32, precision: str = "auto",
+             output: str | None = None) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class report and confusion matrix of a saved model on a labelled file.
+
+    Writes the result as JSON (default ``<model_dir>/eval/<file stem>.json``) and returns it.
+    """
+    from lmtune.data import read_table
+    from lmtune.errors import LabelError
+    from lmtune.train.metrics import classification_metrics
+
+    clf = load(model_dir, precision=precision)
+    cols = clf.columns
+    table = read_table(data_file, text_column=text_column or _if_present(data_file, cols["text_column"]),
+                       text_pair_column=text_pair_column or _if_present(data_file, cols["text_pair_column"]),
+                       label_column=label_column or _if_present(data_file, cols["label_column"]), require_labels=True)
+    known = {name: i for i, name in enumerate(clf.labels)}
+    unknown = sorted({lab for lab in table.labels if lab not in known})
+    if unknown:
+        shown = ", ".join(repr(u) for u in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+        raise LabelError(f"{data_file}: column '{table.label_column}': {len(unknown)} label(s) the model does not know: "
+                         f"{shown}; the model knows {clf.labels}")
+    y = np.asarray([known[lab] for lab in table.labels])
+    logits, enc = _logits(clf, table, batch_size)
+    result = classification_metrics(logits, y, clf.labels, detailed=True)
+    result.pop("val_loss")
+    result["loss"] = float(classification_metrics(logits, y, clf.labels)["val_loss"])
+    result |= {"model_dir": str(model_dir), "data_file": str(data_file), "labels": clf.labels,
+               "skipped": table.skipped, "truncated": enc.truncated, "max_length": clf.max_length}
+    out = Path(output) if output else Path(model_dir) / "eval" / f"{Path(data_file).stem}.json"
+    atomic_write_json(out, result)
+    result["output"] = str(out)
+    return result
+
+
+def predict(model_dir: str, data: str | list[str], *, text_column: str | None = None,
+            text_pair_column: str | None = None, batch_size: int = 32, precision: str = "auto") -> list[dict[str, Any]]:
+    """Labels with probabilities for a file (CSV/TSV/JSONL/Parquet), or for a list of texts."""
+    from lmtune.data import Table, read_table
+    from lmtune.train.metrics import softmax
+
+    clf = load(model_dir, precision=precision)
+    if isinstance(data, list):
+        empty = [i + 1 for i, t in enumerate(data) if not t.strip()]
+        if empty:
+            raise DataError(f"input: text {empty[0]} is empty ({len(empty)} empty text(s) in all)")
+        table = Table(path="<input>", texts=list(data), text_pairs=None, labels=None,
+                      line_numbers=list(range(1, len(data) + 1)), text_column="text", text_pair_column=None,
+                      label_column=None, skipped={})
+    else:
+        cols = clf.columns
+        table = read_table(data, text_column=text_column or _if_present(data, cols["text_column"]),
+                           text_pair_column=text_pair_column or _if_present(data, cols["text_pair_column"]),
+                           label_column=None, require_labels=False)
+    logits, _ = _logits(clf, table, batch_size)
+    probs = softmax(logits)
+    rows = []
+    for i in range(len(table)):
+        k = int(probs[i].argmax())
+        row: dict[str, Any] = {"line": table.line_numbers[i], "text": table.texts[i]}
+        if table.text_pairs is not None:
+            row["text_pair"] = table.text_pairs[i]
+        row |= {"label": clf.labels[k], "probability": float(probs[i, k]),
+                "probabilities": {clf.labels[j]: float(p) for j, p in enumerate(probs[i])}}
+        rows.append(row)
+    return rows
+
+
+def _if_present(path: str, column: str | None) -> str | None:
+    """The training run's column name, used only when this file has a column of that name."""
+    if not column:
+        return None
+    from lmtune.data.reading import read_header
+
+    try:
+        return column if column in read_header(path) else None
+    except Exception:
+        return None

@@ -1,0 +1,162 @@
+"""Build a sequence classifier from a causal-LM checkpoint: pad token, head, and training method."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lmtune.config import ModelConfig
+from lmtune.errors import ModelError
+from lmtune.models.source import ResolvedModel, resolve
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    resolved: ResolvedModel
+    total_params: int
+    trainable_params: int
+    non_embedding_params: int
+    """Parameters outside the token/position embeddings: the N in the ~6*N*tokens FLOPs estimate."""
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, requested: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelError(f"--model {requested or path}: cannot load tokenizer ({_one_line(e)})") from e
+    set_pad_token(tok)
+    return tok
+
+
+def set_pad_token(tokenizer: Any) -> None:
+    """GPT-style tokenizers often lack a pad token; reuse EOS (or UNK) so no embedding must be added.
+
+    Padding goes on the right: the classifier pools the last non-pad token, and right padding keeps
+    position ids of real tokens identical to an unpadded forward pass.
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        elif tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    tokenizer.padding_side = "right"
+
+
+def load_classifier(
+    cfg: ModelConfig,
+    labels: list[str],
+    *,
+    resolved: ResolvedModel | None = None,
+    tokenizer: Any | None = None,
+) -> LoadedModel:
+    """Load ``cfg.name`` as ``AutoModelForSequenceClassification`` with ``len(labels)`` outputs.
+
+    Weights are kept in fp32 (master weights); lower precision is applied by autocast in the loop.
+    """
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    resolved = resolved or resolve(cfg.name, cfg.cache_dir)
+    tokenizer = tokenizer or load_tokenizer(resolved.path, cfg.trust_remote_code, cfg.name)
+    id2label = dict(enumerate(labels))
+    label2id = {name: i for i, name in enumerate(labels)}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "score.weight MISSING, newly initialized" report is expected here
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForSequenceClassification.from_pretrained(
+                resolved.path,
+                num_labels=len(labels),
+                id2label=id2label,
+                label2id=label2id,
+                dtype=torch.float32,
+                trust_remote_code=cfg.trust_remote_code,
+                ignore_mismatched_sizes=True,
+            )
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e) or "does not support" in str(e):
+            raise ModelError(
+                f"--model {cfg.name}: this architecture has no sequence-classification head in transformers "
+                f"({_one_line(e)})"
+            ) from e
+        raise ModelError(f"--model {cfg.name}: cannot load ({_one_line(e)})") from e
+    except OSError as e:
+        raise ModelError(
+            f"--model {cfg.name}: not found locally and the hub could not provide it ({_one_line(e)}); "
+            "see `lmtune models` for what works offline"
+        ) from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    # The classifier never generates; a KV cache only costs memory during training.
+    model.config.use_cache = False
+
+    non_embedding = count_non_embedding(model)
+    model = apply_method(model, cfg)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return LoadedModel(model, tokenizer, resolved, total, trainable, non_embedding)
+
+
+def count_non_embedding(model: torch.nn.Module) -> int:
+    emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in emb_ids)
+
+
+def head_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Parameters outside the pretrained body, i.e. the freshly initialised classification head."""
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    return {n for n, _ in model.named_parameters() if not n.startswith(prefix)}
+
+
+def apply_method(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if cfg.method == "head":
+        head = head_parameter_names(model)
+        if not head:
+            raise ModelError(f"--method head: cannot find the classification head of {type(model).__name__}")
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in head)
+        return model
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear",
+    )
+    logging.getLogger("peft").setLevel(logging.ERROR)
+    return get_peft_model(model, lora)
+
+
+def to_plain_transformers(model: torch.nn.Module) -> torch.nn.Module:
+    """Merge LoRA adapters so the saved folder loads with plain transformers (no peft needed)."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model

