@@ -129,6 +129,8 @@ class TrainConfig:
     """Stop after this many evaluations without improvement of --metric (default: never)."""
     group_by_length: bool = True
     """Batch texts of similar length together (less padding); batches are still shuffled."""
+    save_checkpoints: bool = True
+    """Write resumable checkpoints (after each evaluation); a search turns this off and retries a killed trial instead."""
     checkpoint_every_steps: int | None = None
     """Also write a resumable checkpoint every N optimizer steps (one is always written after each evaluation)."""
     log_every_steps: int = 10
@@ -205,3 +207,94 @@ def _sub(cls: type, d: dict[str, Any] | None, section: str) -> Any:
     if unknown:
         raise ConfigError(f"unknown keys in section '{section}': {unknown}; known: {sorted(known)}")
     return cls(**d)
+
+
+@dataclass
+class SearchConfig:
+    """What a search varies. Each field takes a declaration: '1e-5..1e-3:log' (float range, log scale),
+    '1..4' (integer range), '8,16,32' (choices) or one value (fixed). Undeclared ones get the default
+    rules derived from model size and training rows (docs/tuning.md)."""
+
+    model: str | None = None
+    """Checkpoints to compare (the size dimension), e.g. 'smollm2-135m-instruct,pythia-70m' (default: smollm2-135m-instruct)."""
+    method: str | None = None
+    """Training methods to compare, e.g. 'full,lora' (default: full)."""
+    learning_rate: str | None = None
+    """Peak learning rate, e.g. '1e-5..1e-3:log' (alias: --lr; default from model size and method)."""
+    global_batch_size: str | None = None
+    """Global batch size, e.g. '8,16,32' (alias: --batch-size; default from the number of training rows)."""
+    epochs: str | None = None
+    """Epochs, e.g. '1..4' (default from the number of training rows)."""
+    warmup_ratio: str | None = None
+    """Warmup fraction, e.g. '0..0.1' (default 0..0.1)."""
+    weight_decay: str | None = None
+    """AdamW weight decay, e.g. '0,0.01,0.1' (default those three)."""
+    max_length: str | None = None
+    """Max sequence length, e.g. '64,128' (default: fixed, from --max-length)."""
+    lr_schedule: str | None = None
+    """Learning-rate schedules, e.g. 'linear,cosine' (default: fixed, from --lr-schedule)."""
+    lora_rank: str | None = None
+    """LoRA rank r, only in trials with method lora, e.g. '8,16,32' (default those three)."""
+    lora_alpha: str | None = None
+    """LoRA alpha, only in trials with method lora, e.g. '16,32,64' (default those three)."""
+
+    def declared(self) -> dict[str, str]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
+class TuneConfig:
+    """How a search runs: trials, time, storage, pruning, confirmation."""
+
+    n_trials: int | None = 20
+    """Finished trials to run (complete + pruned; failed ones are retried). Shared by all workers of a study; 0 or none: no limit (use --budget)."""
+    budget: str | None = None
+    """Wall-clock budget for this worker, e.g. 30m, 2h, 90s; no new trial starts when the rest would not fit."""
+    storage: str | None = None
+    """Optuna storage URL; default SQLite in --out (study.db). A PostgreSQL URL lets many workers share one study."""
+    study_name: str = "lmtune"
+    """Name of the study inside the storage."""
+    sampler: Literal["tpe", "random"] = "tpe"
+    """tpe (seeded, multivariate) or random search."""
+    pruner: Literal["median", "hyperband", "asha", "none"] = "median"
+    """Stops bad trials early from their evaluations: median, hyperband, asha (successive halving) or none."""
+    sampler_seed: int = 0
+    """Seed of the sampler (the training seed is --seed)."""
+    evals_per_epoch: int = 2
+    """Evaluations (and pruning decisions) per epoch in each trial."""
+    confirm_seeds: int = 2
+    """Re-run the top trials on this many extra seeds and report mean and standard deviation; 0 disables."""
+    confirm_top: int = 3
+    """How many of the best trials to confirm on extra seeds."""
+    heartbeat_interval: int = 10
+    """Seconds between a running trial's heartbeats (RDB storages)."""
+    grace_period: int = 40
+    """A RUNNING trial without a heartbeat for this many seconds is failed and retried."""
+    show: bool = False
+    """Print the state of the study (running or finished) and exit."""
+
+    def __post_init__(self) -> None:
+        if self.n_trials == 0:
+            self.n_trials = None
+        _check(self.n_trials is None or self.n_trials >= 1, "n_trials", "must be >= 1", self.n_trials)
+        _check(self.sampler in ("tpe", "random"), "sampler", "must be tpe or random", self.sampler)
+        _check(self.pruner in ("median", "hyperband", "asha", "none"), "pruner", "must be median, hyperband, asha or none", self.pruner)
+        _check(self.evals_per_epoch >= 1, "evals_per_epoch", "must be >= 1", self.evals_per_epoch)
+        _check(self.confirm_seeds >= 0, "confirm_seeds", "must be >= 0", self.confirm_seeds)
+        _check(self.confirm_top >= 1, "confirm_top", "must be >= 1", self.confirm_top)
+        _check(self.heartbeat_interval >= 1, "heartbeat_interval", "must be >= 1", self.heartbeat_interval)
+        _check(self.grace_period > self.heartbeat_interval, "grace_period", "must exceed --heartbeat-interval", self.grace_period)
+        if self.budget is not None:
+            self.budget_seconds  # validates
+        if self.n_trials is None and self.budget is None and not self.show:
+            raise ConfigError("--n-trials none needs a --budget, or the search would never end")
+
+    @property
+    def budget_seconds(self) -> float | None:
+        if self.budget is None:
+            return None
+        import re
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(self.budget))
+        if not m or float(m.group(1)) <= 0:
+            raise ConfigError(f"--budget must look like 90s, 30m, 2h or 1d, got {self.budget!r}")
+        return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]

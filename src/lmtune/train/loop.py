@@ -216,7 +216,11 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
         st["eval_seconds"] += time.time() - t0
         return classification_metrics(logits, np.asarray(val_enc.labels), labels, detailed=True) | {"_logits": logits}
 
+    best_in_memory: dict[str, Any] = {}
+
     def save_state() -> None:
+        if not tc.save_checkpoints:
+            return
         if main:
             ckpt.save_checkpoint(ckpt_root, st["global_step"], accelerator.unwrap_model(model), optimizer, scheduler, st)
         accelerator.wait_for_everyone()
@@ -239,8 +243,12 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
             st["evals_without_improvement"] = 0
             if main:
                 probs = _softmax(logits)
-                ckpt.write_folder_atomically(ckpt_root / "best", {"trainable.safetensors": ckpt.trainable_state(accelerator.unwrap_model(model))},
-                                             {"step": st["global_step"], "metrics": st["best"]})
+                weights = ckpt.trainable_state(accelerator.unwrap_model(model))
+                if tc.save_checkpoints:
+                    ckpt.write_folder_atomically(ckpt_root / "best", {"trainable.safetensors": weights},
+                                                 {"step": st["global_step"], "metrics": st["best"]})
+                else:  # a search trial: no resume, so the best weights need not survive the process
+                    best_in_memory["weights"] = weights
                 _write_predictions(out / "val_predictions.jsonl", bundle.val, val_enc.labels, probs, labels)
         else:
             st["evals_without_improvement"] += 1
@@ -325,7 +333,9 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
     record = None
     if main:
         unwrapped = accelerator.unwrap_model(model)
-        if (best_folder / "state.json").is_file():
+        if best_in_memory:
+            ckpt.load_trainable_state(unwrapped, best_in_memory.pop("weights"), "best weights")
+        elif (best_folder / "state.json").is_file():
             from safetensors.torch import load_file
             ckpt.load_trainable_state(unwrapped, load_file(str(best_folder / "trainable.safetensors")), str(best_folder))
         final = to_plain_transformers(unwrapped)

@@ -1,0 +1,78 @@
+"""``lmtune tune``: flags generated from DataConfig, ModelConfig, TrainConfig, SearchConfig and TuneConfig."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from lmtune._fields import add_dataclass_flags, load_yaml, merge, nested_overrides, to_yaml
+from lmtune.config import DataConfig, ModelConfig, RunConfig, SearchConfig, TrainConfig, TuneConfig
+from lmtune.errors import ConfigError
+from lmtune.tune.space import SEARCHABLE
+
+_SEARCHED_TRAIN = {f for s, f, _ in SEARCHABLE.values() if s == "train"}
+_SEARCHED_MODEL = {f for s, f, _ in SEARCHABLE.values() if s == "model"}
+
+
+def add_tune_parser(sub) -> None:
+    p = sub.add_parser(
+        "tune", help="Search model, learning rate, batch size, epochs ... with Optuna.",
+        description="Search the key parameters with Optuna (TPE + pruning). Search flags take a declaration: "
+                    "'1e-5..1e-3:log', '1..4', '8,16,32' or a single value. Rerun the same command to resume.")
+    p.add_argument("--config", metavar="YAML", help="Settings from YAML (sections data, model, train, search, tune); flags override.")
+    p.add_argument("--print-config", action="store_true", help="Print the resulting configuration as YAML and exit.")
+    add_dataclass_flags(p, SearchConfig, "search")
+    add_dataclass_flags(p, TuneConfig, "tune")
+    add_dataclass_flags(p, DataConfig, "data")
+    add_dataclass_flags(p, ModelConfig, "model", skip=_SEARCHED_MODEL)
+    add_dataclass_flags(p, TrainConfig, "train", skip=_SEARCHED_TRAIN | {"save_checkpoints", "eval_every_steps", "progress", "checkpoint_every_steps"})
+    p.add_argument("--out", "--output-dir", dest="output_dir", default=argparse.SUPPRESS, metavar="DIR",
+                   help="Study folder: study.db, the best model (best/), leaderboard, report (default runs/tune).")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                   help="Write report.html at the end (default: True).")
+    p.set_defaults(handler=cmd_tune)
+
+
+def configs_from_args(ns) -> tuple[RunConfig, SearchConfig, TuneConfig]:
+    base = load_yaml(ns.config) if getattr(ns, "config", None) else {}
+    merged = merge(base, nested_overrides(ns))
+    search = merged.pop("search", {}) or {}
+    tune_d = merged.pop("tune", {}) or {}
+    if "output_dir" in vars(ns):
+        merged["output_dir"] = ns.output_dir
+    merged.setdefault("output_dir", "runs/tune")
+    if "report" in vars(ns):
+        merged["report"] = ns.report
+    try:
+        sc = SearchConfig(**{k: (None if v is None else str(v) if not isinstance(v, (list, dict)) else v) for k, v in search.items()})
+        tc = TuneConfig(**tune_d)
+        run = RunConfig.from_dict(merged)
+    except TypeError as e:
+        raise ConfigError(f"invalid configuration: {e}") from None
+    if not run.data.train_file and not tc.show and not getattr(ns, "print_config", False):
+        raise ConfigError("--data (--train-file) is required: the labelled training file")
+    return run, sc, tc
+
+
+def cmd_tune(ns) -> int:
+    from lmtune._console import log
+    from lmtune.tune.study import show, tune
+
+    run, sc, tc = configs_from_args(ns)
+    if ns.print_config:
+        d = {"search": dataclasses.asdict(sc), "tune": dataclasses.asdict(tc)} | run.to_dict()
+        print(to_yaml(d), end="")
+        return 0
+    if tc.show:
+        print(show(run.output_dir, tc.storage, tc.study_name))
+        return 0
+    result = tune(run, sc, tc)
+    if run.report:
+        try:
+            from lmtune.report import write_report
+            log.info(f"report: {write_report(result.output_dir)}")
+        except ImportError:
+            pass
+        except Exception as e:  # a broken plot must never cost the user a finished study
+            log.warning(f"warning: report not written ({type(e).__name__}: {e})")
+    return 0

@@ -1,0 +1,583 @@
+"""The search: an Optuna study whose trials call the same ``train`` entry point as ``lmtune train``.
+
+Reliability design (ENGINEERING.md §3):
+
+* Every study is persistent (SQLite in the output folder, or any RDB URL). Rerunning the command resumes it.
+* ``--n-trials`` is enforced with *slots*: the worker that creates the study enqueues N empty WAITING
+  trials, and workers only run trials they pop from that queue (popping is an atomic state change in the
+  storage). So any number of workers finish exactly N trials, none twice.
+* A running trial sends heartbeats; a trial whose worker died (no heartbeat for ``grace_period``, or a
+  dead process on this host) is marked FAIL and re-enqueued with the same parameters by Optuna's
+  ``RetryFailedTrialCallback``.
+* A diverging trial (NaN loss) is PRUNED with its reason recorded, never COMPLETE; SIGINT/SIGTERM fail
+  the running trial, re-enqueue it and exit.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import math
+import os
+import shutil
+import socket
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from lmtune._console import log
+from lmtune._io import atomic_write_json, atomic_write_text
+from lmtune.config import RunConfig, SearchConfig, TuneConfig
+from lmtune.errors import ConfigError, DivergenceError, LmtuneError, ModelError, StudyError
+from lmtune.tune.space import SEARCHABLE, SearchSpace, build_space
+
+STUDY_FILE = "study.json"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@dataclass
+class TuneResult:
+    output_dir: str
+    study_name: str
+    storage: str
+    best_params: dict[str, Any] | None
+    best_value: float | None
+    best_trial: int | None
+    best_dir: str | None
+    counts: dict[str, int]
+    confirmation: dict[str, Any] | None = None
+    importances: dict[str, float] = field(default_factory=dict)
+
+
+def default_storage(out: Path) -> str:
+    return f"sqlite:///{(out / 'study.db').resolve()}"
+
+
+def open_storage(url: str, tc: TuneConfig) -> optuna.storages.BaseStorage:
+    if url.startswith("sqlite"):
+        Path(url.split("///", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
+        # Workers on one machine share the file; wait for its lock instead of failing at once.
+        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=tc.heartbeat_interval,
+            grace_period=tc.grace_period,
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+        )
+    except Exception as e:
+        raise StudyError(f"--storage {redact(url)}: cannot open ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+
+
+def redact(url: str) -> str:
+    """Hide a password in a storage URL before printing it."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        cred, host = rest.rsplit("@", 1)
+        return f"{scheme}://{cred.split(':')[0]}:***@{host}" if ":" in cred else url
+    return url
+
+
+def _sampler(tc: TuneConfig, n_trials: int | None) -> optuna.samplers.BaseSampler:
+    if tc.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=tc.sampler_seed)
+    # Fewer random start-up trials than Optuna's 10: searches here are tens of trials, not hundreds.
+    startup = max(3, min(10, (n_trials or 30) // 3))
+    return optuna.samplers.TPESampler(seed=tc.sampler_seed, n_startup_trials=startup, multivariate=True,
+                                      group=True, constant_liar=True)
+
+
+def _pruner(tc: TuneConfig) -> optuna.pruners.BasePruner:
+    if tc.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if tc.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
+    if tc.pruner == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    # Median: after two finished trials, stop a trial whose evaluation is worse than the median of
+    # earlier trials at the same point; its first evaluation is never judged (warm-up noise).
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1, interval_steps=1)
+
+
+def _params_m(name: str) -> float:
+    """Model size in millions of parameters, for the default learning rate and the size axis."""
+    from lmtune.models.aliases import ALIASES
+
+    alias = ALIASES.get(name.lower())
+    if alias is not None:
+        return alias.params_m
+    try:
+        from lmtune.models import resolve
+        from transformers import AutoConfig
+        cfg = AutoConfig.from_pretrained(resolve(name).path)
+        d = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 768)
+        n_layer = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 12)
+        vocab = getattr(cfg, "vocab_size", 50000)
+        inter = getattr(cfg, "intermediate_size", None) or 4 * d
+        return (n_layer * (4 * d * d + 2 * d * inter) + vocab * d) / 1e6
+    except Exception:
+        return 125.0
+
+
+class _Heartbeat:
+    """Records a heartbeat for a RUNNING trial every ``interval`` seconds from a daemon thread."""
+
+    def __init__(self, storage, trial_id: int, interval: int):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(storage, trial_id, interval), daemon=True)
+
+    def _run(self, storage, trial_id: int, interval: int) -> None:
+        while not self._stop.is_set():
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception:  # a transient database error must not kill the trial
+                pass
+            self._stop.wait(interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _fail_dead_local_trials(study: optuna.Study) -> None:
+    """Fail RUNNING trials owned by a dead process on this host now, instead of after the grace period."""
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.system_attrs.get("lmtune_worker") or {}
+        if owner.get("host") != host or not owner.get("pid") or owner.get("pid") == os.getpid():
+            continue
+        try:
+            os.kill(int(owner["pid"]), 0)
+            continue  # still alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                log.info(f"trial {t.number}: its worker (pid {owner['pid']}) is gone; marked FAIL and re-queued")
+                optuna.storages.RetryFailedTrialCallback(max_retry=3)(study, study._storage.get_trial(t._trial_id))
+        except Exception:
+            pass
+
+
+def _counts(study: optuna.Study) -> dict[str, int]:
+    out = {s.name.lower(): 0 for s in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state.name.lower()] += 1
+    return out
+
+
+def _ensure_slots(study: optuna.Study, n_trials: int) -> None:
+    """Top up WAITING slots so finished + running + waiting == n_trials."""
+    c = _counts(study)
+    have = c["complete"] + c["pruned"] + c["running"] + c["waiting"]
+    for _ in range(max(0, n_trials - have)):
+        study.enqueue_trial({}, user_attrs={"lmtune_slot": True}, skip_if_exists=False)
+
+
+def _apply(base: RunConfig, params: dict[str, Any], trial_dir: Path, evals_per_epoch: int, n_train: int) -> RunConfig:
+    cfg = copy.deepcopy(base)
+    for name, value in params.items():
+        section, fld, typ = SEARCHABLE[name]
+        setattr(getattr(cfg, section), fld, typ(value))
+    cfg.model.__post_init__()
+    cfg.train.micro_batch_size = min(cfg.train.micro_batch_size or cfg.train.global_batch_size, cfg.train.global_batch_size)
+    cfg.train.__post_init__()
+    steps_per_epoch = math.ceil(n_train / cfg.train.global_batch_size)
+    cfg.train.eval_every_steps = max(1, steps_per_epoch // evals_per_epoch) if evals_per_epoch > 1 else None
+    cfg.train.save_checkpoints = False
+    cfg.train.progress = False
+    cfg.output_dir = str(trial_dir)
+    cfg.overwrite = True
+    cfg.resume = False
+    cfg.report = False
+    return cfg
+
+
+def tune(run: RunConfig, search: SearchConfig | None = None, tc: TuneConfig | None = None) -> TuneResult:
+    """Search the key parameters with Optuna; keep the best model in ``<output_dir>/best``."""
+    from lmtune.data import load_data
+    from lmtune.models import cache_root, resolve
+    from lmtune.train import Interrupted, Resources, train
+
+    search = search or SearchConfig()
+    tc = tc or TuneConfig()
+    out = Path(run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    url = tc.storage or default_storage(out)
+    t_start = time.time()
+    budget = tc.budget_seconds
+
+    bundle = load_data(run.data)
+    n_train = len(bundle.train)
+    declared = search.declared()
+    model_names = [m.strip() for m in (declared.get("model") or run.model.name).split(",")]
+    for name in model_names:  # fail before the study starts, not in every trial
+        resolve(name, run.model.cache_dir)
+    space = build_space(declared, n_train_rows=n_train, params_m_of={m: _params_m(m) for m in model_names},
+                        default_model=run.model.name, default_method=run.model.method)
+    direction = "minimize" if run.train.metric == "val_loss" else "maximize"
+    meta = {"study_name": tc.study_name, "storage": url, "metric": run.train.metric, "direction": direction,
+            "space": space.describe(), "space_json": space.to_json(), "best_dir": "best", "confirmation": "confirm.json",
+            "n_trials": tc.n_trials, "data": run.data.__dict__, "base_config": run.to_dict()}
+
+    storage = open_storage(url, tc)
+    created = False
+    try:
+        study = optuna.create_study(storage=storage, study_name=tc.study_name, direction=direction,
+                                    sampler=_sampler(tc, tc.n_trials), pruner=_pruner(tc), load_if_exists=False)
+        created = True
+        study.set_user_attr("space", space.describe())
+        study.set_user_attr("metric", run.train.metric)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(storage=storage, study_name=tc.study_name, sampler=_sampler(tc, tc.n_trials),
+                                  pruner=_pruner(tc))
+        stored = study.user_attrs.get("space")
+        if stored is not None and stored != space.describe():
+            raise StudyError(f"study '{tc.study_name}' in {redact(url)} was created with another search space "
+                             f"({stored}); use the same flags, another --out, or another --study-name")
+        if study.direction.name.lower() != direction:
+            raise StudyError(f"study '{tc.study_name}' optimises in the other direction; --metric must match")
+    if tc.n_trials is not None:
+        _ensure_slots(study, tc.n_trials)
+    atomic_write_json(out / STUDY_FILE, meta)
+    c = _counts(study)
+    log.info(f"study '{tc.study_name}' in {redact(url)}: {'created' if created else 'resumed'}; "
+             f"{c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed so far")
+    log.info("search space: " + "; ".join(f"{k} {v}" for k, v in space.describe().items()))
+    log.info(f"data: {n_train} training rows, {len(bundle.val)} validation rows; metric {run.train.metric}; "
+             f"pruner {tc.pruner}; " + (f"{tc.n_trials} trials" if tc.n_trials else "no trial limit")
+             + (f"; budget {tc.budget}" if tc.budget else ""))
+
+    resources = Resources(tokenized_cache_dir=str(cache_root(run.model.cache_dir) / "tokenized"), data_bundle=bundle)
+    trial_seconds: list[float] = [t.user_attrs["seconds"] for t in study.get_trials(deepcopy=False, states=FINISHED)
+                                  if "seconds" in t.user_attrs]
+    consecutive_errors = 0
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        _fail_dead_local_trials(study)
+        c = _counts(study)
+        if tc.n_trials is not None and c["complete"] + c["pruned"] >= tc.n_trials:
+            break
+        if budget is not None:
+            elapsed = time.time() - t_start
+            typical = statistics.median(trial_seconds) if trial_seconds else 0.0
+            reserve = typical * tc.confirm_seeds * tc.confirm_top if tc.confirm_seeds else 0.0
+            if elapsed + typical + reserve > budget and (trial_seconds or elapsed > budget):
+                log.info(f"budget: {elapsed:.0f} s used of {budget:.0f} s; a typical trial takes {typical:.0f} s"
+                         + (f" and confirmation needs ~{reserve:.0f} s" if reserve else "") + "; no new trial")
+                break
+        trial_id = study._pop_waiting_trial_id()
+        if trial_id is None:
+            if tc.n_trials is None:
+                trial_id = study._storage.create_new_trial(study._study_id)
+            elif c["running"] > 0:
+                time.sleep(min(5.0, tc.heartbeat_interval))  # another worker's trial may die and come back
+                continue
+            else:
+                _ensure_slots(study, tc.n_trials)  # a trial whose retries ran out frees its slot
+                continue
+        trial = optuna.Trial(study, trial_id)
+        study._storage.set_trial_system_attr(trial_id, "lmtune_worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        t0 = time.time()
+        try:
+            with _Heartbeat(study._storage, trial_id, tc.heartbeat_interval):
+                state = _run_trial(study, trial, space, run, tc, out, n_train, resources, train)
+            consecutive_errors = 0 if state != TrialState.FAIL else consecutive_errors + 1
+        except (Interrupted, KeyboardInterrupt) as e:
+            _fail_and_requeue(study, trial, f"interrupted ({e})")
+            raise Interrupted(f"search interrupted; trial {trial.number} re-queued; rerun the same command to resume") from None
+        if state in FINISHED:
+            trial_seconds.append(time.time() - t0)
+        if consecutive_errors >= 3:
+            raise StudyError("three trials in a row failed with errors (see above); stopping the search")
+        _print_leaderboard(study, run.train.metric, every=5)
+        gc.collect()
+
+    result = summarize(study, out, run.train.metric)
+    if tc.confirm_seeds and result.best_trial is not None and tc.n_trials is not None and _is_leader(study):
+        result.confirmation = confirm(study, space, run, tc, out, n_train, resources, train)
+    _write_outputs(study, out, run.train.metric, result)
+    return result
+
+
+def _fail_and_requeue(study, trial, reason: str) -> None:
+    try:
+        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        study.tell(trial, state=TrialState.FAIL)
+        optuna.storages.RetryFailedTrialCallback(max_retry=3)(study, study._storage.get_trial(trial._trial_id))
+    except Exception:
+        pass
+
+
+def _run_trial(study, trial, space: SearchSpace, run: RunConfig, tc: TuneConfig, out: Path, n_train: int,
+               resources, train_fn) -> TrialState:
+    params = space.sample(trial)
+    trial_dir = out / "trials" / f"trial-{trial.number:04d}"
+    cfg = _apply(run, params, trial_dir, tc.evals_per_epoch, n_train)
+    metric = run.train.metric
+    history: list[dict[str, Any]] = []
+    shown = ", ".join(f"{k}={_fmt(v)}" for k, v in params.items())
+    log.info(f"trial {trial.number}: {shown}")
+    t0 = time.time()
+
+    def on_evaluate(ev) -> None:
+        history.append({k: ev.metrics.get(k) for k in ("step", "epoch", "train_loss", "val_loss", "accuracy", "macro_f1", "elapsed_s")})
+        trial.set_user_attr("history", history)
+        # Evaluation k happens at k / evals_per_epoch epochs in every trial, whatever its batch size, so
+        # pruners compare trials at the same fraction of training.
+        step = max(1, round(ev.epoch * tc.evals_per_epoch))
+        trial.report(ev.metrics[metric], step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"{metric} {ev.metrics[metric]:.4f} at epoch {ev.epoch:.2f}")
+
+    trial.set_user_attr("model_params_m", _params_m(cfg.model.name))
+    state = TrialState.FAIL
+    try:
+        result = train_fn(cfg, on_evaluate=on_evaluate, resources=resources)
+        value = result.best[metric]
+        trial.set_user_attr("micro_batch_size_used", result.record.get("micro_batch_size_used"))
+        trial.set_user_attr("oom_events", result.record.get("oom_events", []))
+        trial.set_user_attr("epochs_done", result.record["steps"]["done"] / max(1, math.ceil(n_train / cfg.train.global_batch_size)))
+        trial.set_user_attr("best_step", result.best["step"])
+        trial.set_user_attr("seconds", round(time.time() - t0, 2))
+        trial.set_user_attr("train_tokens_per_s", result.record["timing"].get("train_tokens_per_s"))
+        study.tell(trial, value)
+        state = TrialState.COMPLETE
+        log.info(f"trial {trial.number}: COMPLETE {metric} {value:.4f} ({time.time() - t0:.0f} s)")
+    except optuna.TrialPruned as e:
+        trial.set_user_attr("seconds", round(time.time() - t0, 2))
+        trial.set_user_attr("prune_reason", str(e))
+        study.tell(trial, state=TrialState.PRUNED)
+        state = TrialState.PRUNED
+        log.info(f"trial {trial.number}: PRUNED ({e}; {time.time() - t0:.0f} s)")
+    except DivergenceError as e:
+        # A diverging learning rate is a real, bad result: PRUNED tells the sampler so, and it is never COMPLETE.
+        trial.set_user_attr("seconds", round(time.time() - t0, 2))
+        trial.set_user_attr("fail_reason", f"diverged: {e}")
+        study.tell(trial, state=TrialState.PRUNED)
+        state = TrialState.PRUNED
+        log.info(f"trial {trial.number}: PRUNED, diverged ({e})")
+    except (ModelError, ConfigError) as e:
+        trial.set_user_attr("fail_reason", str(e))
+        study.tell(trial, state=TrialState.FAIL)
+        log.warning(f"trial {trial.number}: FAIL ({e})")
+        raise
+    except LmtuneError as e:
+        if type(e).__name__ == "Interrupted":
+            raise
+        trial.set_user_attr("fail_reason", str(e))
+        study.tell(trial, state=TrialState.FAIL)
+        log.warning(f"trial {trial.number}: FAIL ({e})")
+    except Exception as e:  # one broken trial must not end a long study; three in a row do
+        trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}")
+        study.tell(trial, state=TrialState.FAIL)
+        log.warning(f"trial {trial.number}: FAIL ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    finally:
+        _keep_if_best(study, trial, trial_dir, out, state)
+    return state
+
+
+def _keep_if_best(study, trial, trial_dir: Path, out: Path, state: TrialState) -> None:
+    """Keep the best trial's model as ``<out>/best`` (atomic swap); delete every other trial folder."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        best = None
+    if state == TrialState.COMPLETE and best is not None and best.number == trial.number and trial_dir.is_dir():
+        atomic_write_json(trial_dir / "trial.json", {"trial": trial.number, "params": best.params, "value": best.value})
+        target, old = out / "best", out / "best.old"
+        if old.exists():
+            shutil.rmtree(old)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(trial_dir, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        shutil.rmtree(trial_dir, ignore_errors=True)
+
+
+def _is_leader(study) -> bool:
+    """Among workers finishing together, exactly one runs the confirmation (the last to write wins)."""
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    if study.user_attrs.get("confirmation_done"):
+        return False
+    study.set_user_attr("confirmation_owner", me)
+    time.sleep(1.0)
+    return optuna.load_study(study_name=study.study_name, storage=study._storage).user_attrs.get("confirmation_owner") == me
+
+
+def confirm(study, space, run: RunConfig, tc: TuneConfig, out: Path, n_train: int, resources, train_fn) -> dict[str, Any]:
+    """Re-run the top trials with extra seeds: is the winner real or noise?"""
+    metric = run.train.metric
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    top = sorted(done, key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")[: tc.confirm_top]
+    seeds = [run.train.seed + k for k in range(1, tc.confirm_seeds + 1)]
+    log.info(f"confirming the top {len(top)} trial(s) on seeds {seeds} (plus the search seed {run.train.seed})")
+    results = []
+    for t in top:
+        values = [t.value]
+        for seed in seeds:
+            cfg = _apply(run, t.params, out / "confirm" / f"trial-{t.number:04d}-seed-{seed}", 1, n_train)
+            cfg.train.seed = seed
+            cfg.train.eval_every_steps = None
+            try:
+                r = train_fn(cfg, resources=resources)
+                values.append(r.best[metric])
+            except DivergenceError as e:
+                log.warning(f"confirmation of trial {t.number} with seed {seed} diverged: {e}")
+                values.append(float("nan"))
+            finally:
+                shutil.rmtree(cfg.output_dir, ignore_errors=True)
+        finite = [v for v in values if math.isfinite(v)]
+        mean = statistics.fmean(finite) if finite else float("nan")
+        std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+        results.append({"trial": t.number, "params": t.params, "seeds": [run.train.seed] + seeds, "values": values,
+                        "mean": mean, "std": std})
+        log.info(f"trial {t.number}: {metric} {mean:.4f} +- {std:.4f} over {len(finite)} seeds ({_fmt_values(values)})")
+    shutil.rmtree(out / "confirm", ignore_errors=True)
+    conf = {"metric": metric, "seeds": [run.train.seed] + seeds, "results": results}
+    best_mean = max(results, key=lambda r: r["mean"] if study.direction.name == "MAXIMIZE" else -r["mean"])
+    conf["most_reliable_trial"] = best_mean["trial"]
+    if best_mean["trial"] != top[0].number:
+        log.info(f"note: trial {best_mean['trial']} has the best mean over seeds; trial {top[0].number}'s lead was within seed noise")
+    study.set_user_attr("confirmation_done", True)
+    atomic_write_json(out / "confirm.json", conf)
+    return conf
+
+
+def summarize(study, out: Path, metric: str) -> TuneResult:
+    counts = _counts(study)
+    try:
+        best = study.best_trial
+    except ValueError:
+        best = None
+    storage_url = json.loads((out / STUDY_FILE).read_text())["storage"] if (out / STUDY_FILE).is_file() else ""
+    result = TuneResult(str(out), study.study_name, storage_url, best.params if best else None,
+                        best.value if best else None, best.number if best else None,
+                        str(out / "best") if best and (out / "best").is_dir() else None, counts)
+    result.importances = importances(study)
+    return result
+
+
+def importances(study) -> dict[str, float]:
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(done) < 3:
+        return {}
+    try:
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+    except Exception:  # e.g. every trial has the same parameters
+        return {}
+
+
+def _write_outputs(study, out: Path, metric: str, result: TuneResult) -> None:
+    rows = leaderboard(study)
+    atomic_write_json(out / "importances.json", result.importances)
+    cols = ["trial", "state", metric, "seconds"] + sorted({k for r in rows for k in r["params"]})
+    lines = [",".join(cols)]
+    for r in rows:
+        lines.append(",".join(str(r.get(c, r["params"].get(c, ""))) if r.get(c, r["params"].get(c)) is not None else "" for c in cols))
+    atomic_write_text(out / "leaderboard.csv", "\n".join(lines) + "\n")
+    log.info("")
+    _print_leaderboard(study, metric, every=1, top=10)
+    if result.best_trial is not None:
+        log.info(f"best: trial {result.best_trial}  {metric} {result.best_value:.4f}  "
+                 + ", ".join(f"{k}={_fmt(v)}" for k, v in (result.best_params or {}).items()))
+        if result.best_dir:
+            log.info(f"best model: {result.best_dir}  (lmtune evaluate {result.best_dir} --data TEST_FILE)")
+    if result.importances:
+        log.info("parameter importances: " + ", ".join(f"{k} {v:.2f}" for k, v in result.importances.items()))
+    c = result.counts
+    log.info(f"trials: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed, {c['running']} running")
+
+
+def leaderboard(study) -> list[dict[str, Any]]:
+    metric = study.user_attrs.get("metric", "value")
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.WAITING:
+            continue
+        value = t.value if t.state == TrialState.COMPLETE else (
+            max(t.intermediate_values.values()) if t.intermediate_values else None)
+        rows.append({"trial": t.number, "state": t.state.name, metric: value, "seconds": t.user_attrs.get("seconds"),
+                     "params": dict(t.params), "reason": t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason")})
+    maximize = study.direction.name == "MAXIMIZE"
+    order = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "FAIL": 3}
+    rows.sort(key=lambda r: (order.get(r["state"], 4), -(r[metric] or -1e9) if maximize else (r[metric] or 1e9)))
+    return rows
+
+
+def _print_leaderboard(study, metric: str, every: int = 1, top: int = 5) -> None:
+    rows = leaderboard(study)
+    finished = sum(1 for r in rows if r["state"] in ("COMPLETE", "PRUNED"))
+    if not rows or finished % every:
+        return
+    names = sorted({k for r in rows for k in r["params"]})
+    head = f"{'trial':>5}  {'state':<8} {metric:>9} {'sec':>6}  " + "  ".join(f"{n[:14]:>14}" for n in names)
+    log.info(f"leaderboard ({finished} finished):")
+    log.info(head)
+    for r in rows[:top]:
+        v = r[metric]
+        log.info(f"{r['trial']:>5}  {r['state']:<8} {('%.4f' % v) if v is not None else '-':>9} "
+                 f"{('%.0f' % r['seconds']) if r['seconds'] else '-':>6}  "
+                 + "  ".join(f"{_fmt(r['params'].get(n, '-')):>14}" for n in names))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _fmt_values(values: list[float]) -> str:
+    return ", ".join(f"{v:.4f}" for v in values)
+
+
+def show(out: str | None, storage: str | None, study_name: str) -> str:
+    """A text summary of a study, running or finished, read from its storage."""
+    meta = {}
+    if out and (Path(out) / STUDY_FILE).is_file():
+        meta = json.loads((Path(out) / STUDY_FILE).read_text())
+    url = storage or meta.get("storage")
+    if not url:
+        raise StudyError(f"--out {out}: no {STUDY_FILE} here; pass --storage URL and --study-name")
+    name = meta.get("study_name", study_name) if not storage else study_name
+    try:
+        study = optuna.load_study(study_name=name, storage=url)
+    except KeyError:
+        raise StudyError(f"no study named '{name}' in {redact(url)}") from None
+    c = _counts(study)
+    metric = study.user_attrs.get("metric", "value")
+    lines = [f"study '{name}' in {redact(url)}",
+             f"trials: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed, {c['running']} running, {c['waiting']} waiting",
+             "search space: " + "; ".join(f"{k} {v}" for k, v in (study.user_attrs.get("space") or {}).items())]
+    rows = leaderboard(study)
+    names = sorted({k for r in rows for k in r["params"]})
+    lines.append(f"{'trial':>5}  {'state':<8} {metric:>9} {'sec':>6}  " + "  ".join(f"{n[:14]:>14}" for n in names))
+    for r in rows:
+        v = r[metric]
+        lines.append(f"{r['trial']:>5}  {r['state']:<8} {('%.4f' % v) if v is not None else '-':>9} "
+                     f"{('%.0f' % r['seconds']) if r['seconds'] else '-':>6}  "
+                     + "  ".join(f"{_fmt(r['params'].get(n, '-')):>14}" for n in names)
+                     + (f"  ({r['reason'][:60]})" if r["reason"] and r["state"] != "COMPLETE" else ""))
+    try:
+        b = study.best_trial
+        lines.append(f"best: trial {b.number} {metric} {b.value:.4f}")
+    except ValueError:
+        lines.append("best: none yet")
+    return "\n".join(lines)
