@@ -64,6 +64,37 @@ def _manual_pick(labels: Sequence[int], alloc: dict[int, int], seed: int) -> lis
     return sorted(picked)
 
 
+def _ensure_every_class(labels: Sequence[int], pool: list[int], held: list[int], seed: int) -> list[int]:
+    """sklearn may round a small class to zero rows on one side; swap a row in for each such class.
+
+    Each swap is paired with one in the other direction from the class with the most rows on that
+    side, so both sizes stay as asked.
+    """
+    rng = np.random.default_rng(seed)
+    held_set = set(held)
+    for c, idx in _by_class([labels[i] for i in pool]).items():
+        rows = [pool[j] for j in idx]
+        for side_has, src_is_held in ((lambda r: r in held_set, False), (lambda r: r not in held_set, True)):
+            if any(side_has(r) for r in rows):
+                continue
+            # Class c is missing on one side: move one of its rows over, and one row of the donor
+            # class (most rows on that side, >= 2 there) back.
+            side = [i for i in pool if side_has(i)]
+            by = _by_class([labels[i] for i in side])
+            donor = max(by, key=lambda k: (len(by[k]), -k), default=None)
+            if donor is None or len(by[donor]) < 2:
+                continue
+            back = side[by[donor][int(rng.integers(len(by[donor])))]]
+            take = int(rng.choice(np.asarray(rows)))
+            if src_is_held:  # c has no training row: take is held, move it to keep
+                held_set.discard(take)
+                held_set.add(back)
+            else:
+                held_set.add(take)
+                held_set.discard(back)
+    return sorted(held_set)
+
+
 def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """``(keep_idx, held_out_idx)``: a seeded, stratified split holding out about ``fraction`` of the rows.
 
@@ -90,7 +121,7 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple
 
         pool_labels = [labels[i] for i in pool]
         _, held_arr = train_test_split(pool, test_size=n_held, stratify=pool_labels, random_state=seed)
-        held = sorted(int(i) for i in held_arr)
+        held = _ensure_every_class(labels, pool, [int(i) for i in held_arr], seed)
     else:
         # Too few rows to give every class a validation row: a proportional pick that still keeps a
         # training row of every class.
