@@ -1,0 +1,649 @@
+"""The report of a hyperparameter study, read from ``study.json`` and the Optuna storage it names.
+
+It answers: which trial won and by how much (leaderboard, history), did the search prune sensibly
+(every learning curve on one chart), which settings mattered (importances, parallel coordinates,
+learning rate x batch size), what each model costs (size vs metric vs time), and whether the winner is
+real or seed noise (the confirmation runs with error bars). The best trial's run report is embedded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from lmtune.errors import StudyError
+from lmtune.report._page import (BEST_COLOR, MUTED_COLOR, TRAIN_COLOR, Cell, Page, esc, fparam, log_ticks, metric_scale,
+                                 num_cell, scale_color, style)
+from lmtune.report._run import METRIC_TITLES, RUN_RECORD, RunData, _finite, add_run_sections, load_run
+
+STUDY_RECORD = "study.json"
+
+#: params drawn on a log axis when they span more than a factor of 10 (learning rate, weight decay, ...)
+_LOG_HINTS = ("learning_rate", "lr", "weight_decay")
+
+
+@dataclass
+class StudyData:
+    folder: Path
+    meta: dict[str, Any]
+    storage: str
+    study: Any  # optuna.Study
+    trials: list[Any]  # FrozenTrial
+    confirm: dict[str, Any] | None = None
+    best_run: RunData | None = None
+    best_run_dir: Path | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def metric(self) -> str:
+        return self.meta.get("metric") or "value"
+
+    @property
+    def maximize(self) -> bool:
+        d = self.meta.get("direction")
+        if d:
+            return d == "maximize"
+        return self.metric != "val_loss"
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("study_name") or self.folder.resolve().name
+
+    def by_state(self, state: str) -> list[Any]:
+        return [t for t in self.trials if t.state.name == state]
+
+    @property
+    def complete(self) -> list[Any]:
+        return [t for t in self.by_state("COMPLETE") if _finite(t.value)]
+
+    @property
+    def best(self) -> Any | None:
+        c = self.complete
+        if not c:
+            return None
+        return (max if self.maximize else min)(c, key=lambda t: t.value)
+
+    @property
+    def param_names(self) -> list[str]:
+        names: list[str] = []
+        for t in self.trials:
+            for k in t.params:
+                if k not in names:
+                    names.append(k)
+        return names
+
+
+def load_study(folder: str | Path) -> StudyData:
+    import optuna
+
+    folder = Path(folder)
+    path = folder / STUDY_RECORD
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StudyError(f"{folder}: not a study folder (no {STUDY_RECORD})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StudyError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not meta.get("storage"):
+        raise StudyError(f"{path}: no 'storage' URL")
+    storage = _storage_url(str(meta["storage"]), folder)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)] if not meta.get("study_name") else None
+        study_name = meta.get("study_name") or (names[0] if names and len(names) == 1 else None)
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        trials = study.get_trials(deepcopy=False)
+    except KeyError:
+        raise StudyError(f"{path}: study {meta.get('study_name')!r} not found in {storage}") from None
+    except Exception as e:  # sqlalchemy / driver errors: name the storage, one line
+        raise StudyError(f"{path}: cannot read study storage {storage} ({type(e).__name__}: {e})") from None
+    data = StudyData(folder, meta, storage, study, list(trials))
+
+    confirm_name = meta.get("confirmation") or "confirm.json"
+    confirm_path = folder / confirm_name
+    if confirm_path.exists():
+        try:
+            data.confirm = json.loads(confirm_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            data.problems.append(f"{confirm_name} is not valid JSON ({e}); confirmation not shown")
+    best_dir = folder / (meta.get("best_dir") or "best")
+    if (best_dir / RUN_RECORD).exists():
+        try:
+            data.best_run = load_run(best_dir)
+            data.best_run_dir = best_dir
+        except Exception as e:
+            data.problems.append(f"best trial's run folder {best_dir} could not be read ({e})")
+    return data
+
+
+def _storage_url(url: str, folder: Path) -> str:
+    """The storage URL; a SQLite file that moved with its folder is found beside study.json.
+
+    Never lets Optuna create an empty database for a mistyped path: a missing SQLite file is an error.
+    """
+    if not url.startswith("sqlite:///"):
+        return url
+    db = Path(unquote(url[len("sqlite:///"):].split("?")[0]))
+    if not db.is_absolute():
+        db = (folder / db) if (folder / db).exists() else db
+    if db.exists():
+        return f"sqlite:///{db.resolve()}"
+    local = folder / db.name
+    if local.exists():
+        return f"sqlite:///{local.resolve()}"
+    raise StudyError(f"{folder / STUDY_RECORD}: study database {db} does not exist")
+
+
+# ---- the page ------------------------------------------------------------------------------------
+
+def metric_title(metric: str) -> str:
+    t = METRIC_TITLES.get(metric, metric)
+    return ("validation " + t) if metric in ("accuracy", "macro_f1") else t
+
+
+def add_study_sections(page: Page, sd: StudyData, best_link: str | None) -> None:
+    for p in sd.problems:
+        page.note(p, "warn")
+    page.section("Overview")
+    counts = {s: len(sd.by_state(s)) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
+    best = sd.best
+    page.facts([
+        ("study", sd.name),
+        ("storage", sd.storage),
+        ("objective", f"{'maximise' if sd.maximize else 'minimise'} {sd.metric}"),
+        ("trials", f"{len(sd.trials)}: " + ", ".join(f"{v} {k.lower()}" for k, v in counts.items() if v)),
+        ("best trial", f"#{best.number}: {sd.metric} {best.value:.4f}" if best else "none complete yet"),
+        ("best parameters", ", ".join(f"{k}={fparam(v)}" for k, v in best.params.items()) if best else None),
+        ("search space", json.dumps(sd.meta.get("space")) if sd.meta.get("space") else None),
+    ])
+    if counts["RUNNING"] or counts["WAITING"]:
+        page.note(f"The study is still running ({counts['RUNNING']} trial(s) in progress): this is a snapshot. "
+                  "Run `lmtune report` again for the final picture.", "warn")
+    if len(sd.complete) < 2:
+        page.note(f"Only {len(sd.complete)} trial(s) completed, so comparisons between settings are not possible yet.", "warn")
+    _winner_note(page, sd)
+
+    page.section("Leaderboard")
+    _leaderboard(page, sd)
+    page.section("Optimisation history")
+    _history_chart(page, sd)
+    page.section("Learning curves")
+    _curves_chart(page, sd)
+    page.section("Which settings mattered")
+    _importances(page, sd)
+    _parallel(page, sd)
+    _lr_batch(page, sd)
+    page.section("Model size, metric and cost")
+    _cost_chart(page, sd)
+    page.section("Is the winner real? Seed confirmation")
+    _confirmation(page, sd)
+    page.section("Best trial: run report")
+    if sd.best_run is None:
+        page.note("The best trial's run folder (study.json 'best_dir') is not there yet; it is written when the study finishes.")
+    else:
+        if best_link:
+            page.raw(f'<p>Also as its own page: <a href="{esc(best_link)}">{esc(best_link)}</a> (folder {esc(sd.best_run_dir)}).</p>')
+        add_run_sections(page, sd.best_run, level=3)
+
+
+def _winner_note(page: Page, sd: StudyData) -> None:
+    c = sorted(sd.complete, key=lambda t: t.value, reverse=sd.maximize)
+    if len(c) < 2:
+        return
+    gap = abs(c[0].value - c[1].value)
+    text = (f"Trial #{c[0].number} leads trial #{c[1].number} by {gap:.4f} {sd.metric} in the search (one seed each).")
+    res = _confirm_results(sd)
+    if len(res) >= 2:
+        a, b = sorted(res, key=lambda r: r["mean"], reverse=sd.maximize)[:2]
+        spread = (a.get("std") or 0) + (b.get("std") or 0)
+        if abs(a["mean"] - b["mean"]) <= spread:
+            page.note(text + f" Over seeds, trial #{a['trial']} ({a['mean']:.4f} ± {a.get('std') or 0:.4f}) and trial "
+                      f"#{b['trial']} ({b['mean']:.4f} ± {b.get('std') or 0:.4f}) overlap within one standard deviation: "
+                      "the ranking between them is within seed noise.", "warn")
+        else:
+            page.note(text + f" Over seeds, trial #{a['trial']} ({a['mean']:.4f} ± {a.get('std') or 0:.4f}) stays ahead of "
+                      f"trial #{b['trial']} ({b['mean']:.4f} ± {b.get('std') or 0:.4f}) by more than one standard deviation.", "good")
+    elif not res:
+        page.note(text + " No seed confirmation was run, so a gap this size may be seed noise.")
+
+
+def _trial_seconds(t: Any) -> float | None:
+    s = t.user_attrs.get("seconds")
+    if _finite(s):
+        return float(s)
+    if t.datetime_start and t.datetime_complete:
+        return (t.datetime_complete - t.datetime_start).total_seconds()
+    return None
+
+
+def _last_intermediate(t: Any) -> tuple[int, float] | None:
+    iv = {k: v for k, v in t.intermediate_values.items() if _finite(v)}
+    if not iv:
+        return None
+    step = max(iv)
+    return step, iv[step]
+
+
+def _leaderboard(page: Page, sd: StudyData) -> None:
+    if not sd.trials:
+        page.note("The study has no trials yet.")
+        return
+    params = sd.param_names
+    order = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
+    sign = -1 if sd.maximize else 1
+    trials = sorted(sd.trials, key=lambda t: (order.get(t.state.name, 5),
+                                              sign * t.value if _finite(t.value) else 0, t.number))
+    best = sd.best
+    rows, highlight = [], set()
+    for i, t in enumerate(trials):
+        note = ""
+        if t.state.name == "PRUNED":
+            last = _last_intermediate(t)
+            note = f"pruned at step {last[0]} ({sd.metric} {last[1]:.4f})" if last else "pruned"
+        elif t.state.name == "FAIL":
+            note = str(t.user_attrs.get("fail_reason") or "failed")
+        elif t.state.name == "RUNNING":
+            note = "running"
+        rank = Cell(str(i + 1) if t.state.name == "COMPLETE" else "", i + 1 if t.state.name == "COMPLETE" else None, numeric=True)
+        row = [rank, num_cell(t.number, 0), t.state.name.lower(), num_cell(t.value if _finite(t.value) else None, 4)]
+        for p in params:
+            v = t.params.get(p)
+            row.append(Cell(esc(fparam(v)), v if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v) if v is not None else None,
+                            numeric=isinstance(v, (int, float)) and not isinstance(v, bool)))
+        secs = _trial_seconds(t)
+        row += [num_cell(t.user_attrs.get("model_params_m"), 1), num_cell(secs, 1, text=f"{secs:.1f}" if secs is not None else ""),
+                num_cell(t.user_attrs.get("epochs_done"), 2), num_cell(t.user_attrs.get("micro_batch_size_used"), 0),
+                Cell(esc(note), css="wrap")]
+        if best is not None and t.number == best.number:
+            highlight.add(i)
+        rows.append(row)
+    cols = ["rank", "trial", "state", sd.metric] + params + \
+           ["params (M)", "time (s)", "epochs", "micro-batch", "note"]
+    page.table(cols, rows, highlight=highlight, drop_empty=True,
+               caption="Click a header to sort. The highlighted row is the best complete trial. "
+                       f"{sd.metric} ({'higher' if sd.maximize else 'lower'} is better) is the trial's best evaluation; "
+                       "time is the trial's wall-clock time.")
+
+
+def _history_chart(page: Page, sd: StudyData) -> None:
+    import plotly.graph_objects as go
+
+    complete = sorted(sd.complete, key=lambda t: t.number)
+    pruned = [(t, _last_intermediate(t)) for t in sd.by_state("PRUNED")]
+    pruned = [(t, li) for t, li in pruned if li]
+    if not complete and not pruned:
+        page.note("No trial has reported a value yet.")
+        return
+    fig = go.Figure()
+    if complete:
+        fig.add_trace(go.Scatter(x=[t.number for t in complete], y=[t.value for t in complete], mode="markers",
+                                 name="complete trial", marker={"size": 9, "color": TRAIN_COLOR},
+                                 hovertemplate="trial #%{x}: %{y:.4f}<extra></extra>"))
+        run_best, xs, ys = None, [], []
+        for t in complete:
+            if run_best is None or (t.value > run_best if sd.maximize else t.value < run_best):
+                run_best = t.value
+            xs.append(t.number)
+            ys.append(run_best)
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"shape": "hv", "color": BEST_COLOR, "width": 2},
+                                 name="best so far", hovertemplate="best after trial #%{x}: %{y:.4f}<extra></extra>"))
+    if pruned:
+        fig.add_trace(go.Scatter(x=[t.number for t, _ in pruned], y=[li[1] for _, li in pruned], mode="markers",
+                                 name="pruned trial (last reported value)",
+                                 marker={"symbol": "x", "size": 9, "color": MUTED_COLOR},
+                                 customdata=[li[0] for _, li in pruned],
+                                 hovertemplate="trial #%{x} pruned at step %{customdata}: %{y:.4f}<extra></extra>"))
+    style(fig, f"{sd.metric} per trial, in the order trials ran", "trial number", metric_title(sd.metric), legend=True)
+    numbers = [t.number for t in sd.trials]
+    fig.update_xaxes(range=[min(numbers) - 0.5, max(numbers) + 0.5], dtick=1 if len(numbers) <= 25 else None)
+    fig.update_layout(legend={"orientation": "h", "y": -0.2, "x": 0})
+    page.figure(fig, "A best-so-far line that flattens early means more trials would add little.")
+
+
+def _curves_chart(page: Page, sd: StudyData) -> None:
+    import plotly.graph_objects as go
+
+    trials = [t for t in sd.trials if any(_finite(v) for v in t.intermediate_values.values())]
+    if not trials:
+        page.note("No trial has reported an intermediate value yet.")
+        return
+    # x in epochs when every trial's history maps steps to epochs: steps are not comparable across batch sizes.
+    epoch_of: dict[int, dict[int, float]] = {}
+    for t in trials:
+        hist = t.user_attrs.get("history") or []
+        m = {int(h["step"]): float(h["epoch"]) for h in hist if isinstance(h, dict) and _finite(h.get("step")) and _finite(h.get("epoch"))}
+        if all(s in m for s in t.intermediate_values):
+            epoch_of[t.number] = m
+    use_epochs = len(epoch_of) == len(trials)
+    best = sd.best
+    fig = go.Figure()
+    shown = set()
+    styles = {
+        "COMPLETE": ({"color": TRAIN_COLOR, "width": 1.5}, "complete trials", 0.75),
+        "PRUNED": ({"color": MUTED_COLOR, "width": 1.2, "dash": "dot"}, "pruned trials (x = where pruned)", 0.8),
+        "RUNNING": ({"color": "#17becf", "width": 1.5, "dash": "dash"}, "running trials", 0.9),
+        "FAIL": ({"color": "#e377c2", "width": 1.2, "dash": "dashdot"}, "failed trials", 0.8),
+    }
+    for t in sorted(trials, key=lambda t: t.number):
+        is_best = best is not None and t.number == best.number
+        steps = sorted(s for s, v in t.intermediate_values.items() if _finite(v))
+        xs = [epoch_of[t.number][s] for s in steps] if use_epochs else steps
+        ys = [t.intermediate_values[s] for s in steps]
+        line, group, opacity = styles.get(t.state.name, styles["FAIL"])
+        if is_best:
+            line, group, opacity = {"color": BEST_COLOR, "width": 3}, f"best trial (#{t.number})", 1.0
+        params = "<br>".join(f"{k}={fparam(v)}" for k, v in t.params.items())
+        markers = {"size": [5] * (len(xs) - 1) + [11 if t.state.name == "PRUNED" else 5],
+                   "symbol": ["circle"] * (len(xs) - 1) + ["x" if t.state.name == "PRUNED" else "circle"]}
+        fig.add_trace(go.Scatter(
+            x=xs, y=ys, mode="lines+markers", line=line, opacity=opacity, marker=markers, name=group, legendgroup=group,
+            showlegend=group not in shown,
+            hovertemplate=f"trial #{t.number} ({t.state.name.lower()})<br>" + ("epoch" if use_epochs else "step")
+                          + " %{x}<br>" + sd.metric + " %{y:.4f}<br>" + params + "<extra></extra>"))
+        shown.add(group)
+    style(fig, f"Validation {sd.metric} at each evaluation, every trial", "epoch" if use_epochs else "optimizer step",
+          metric_title(sd.metric), height=460, legend=True)
+    page.figure(fig, "Each line is one trial; the pruner stopped the grey dotted ones where they end (x). Hover a line for its settings. "
+                     + ("The x axis is epochs, comparable across batch sizes." if use_epochs else
+                        "The x axis is optimizer steps, which cover more data per step at larger batch sizes."))
+
+
+def _numeric_values(sd: StudyData, name: str) -> bool:
+    vals = [t.params[name] for t in sd.trials if name in t.params]
+    return bool(vals) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)
+
+
+def _is_log(sd: StudyData, name: str) -> bool:
+    vals = [t.params[name] for t in sd.trials if name in t.params]
+    if not _numeric_values(sd, name) or min(vals) <= 0:
+        return False
+    dist = None
+    for t in sd.trials:
+        if name in t.distributions:
+            dist = t.distributions[name]
+            break
+    if dist is not None and getattr(dist, "log", False):
+        return True
+    return any(h in name for h in _LOG_HINTS) and max(vals) / min(vals) > 10
+
+
+def _importances(page: Page, sd: StudyData) -> None:
+    import optuna
+    import plotly.graph_objects as go
+
+    complete = sd.complete
+    varied = [p for p in sd.param_names if len({repr(t.params.get(p)) for t in complete if p in t.params}) > 1]
+    if len(complete) < 2 or not varied:
+        page.note(f"Parameter importances need at least 2 complete trials with different settings "
+                  f"({len(complete)} complete so far).")
+        return
+    imp = None
+    error = ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for params in (None, [p for p in varied if all(p in t.params for t in complete)]):
+            if params == []:
+                break
+            try:
+                imp = optuna.importance.get_param_importances(
+                    sd.study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=params)
+                break
+            except Exception as e:  # dynamic spaces, too few trials, ...: try the shared params, then give up
+                error = f"{type(e).__name__}: {e}"
+    if not imp:
+        page.note(f"Parameter importances could not be computed ({error or 'no varied parameters'}).")
+        return
+    names = list(imp)[::-1]
+    fig = go.Figure(go.Bar(x=[imp[n] for n in names], y=names, orientation="h", marker_color=TRAIN_COLOR,
+                           text=[f"{imp[n]:.2f}" for n in names], textposition="outside",
+                           hovertemplate="%{y}: %{x:.3f} of the explained variance<extra></extra>"))
+    style(fig, f"Parameter importance for {sd.metric} (fANOVA, {len(complete)} complete trials)",
+          "importance (share of explained variance of the metric, sums to 1)", "parameter",
+          height=max(260, 90 + 38 * len(names)), legend=False)
+    fig.update_xaxes(range=[0, min(1.15, max(imp.values()) * 1.25 + 0.02)])
+    fig.update_layout(margin={"l": 140})
+    page.figure(fig, "How much of the variation in the metric each setting explains, estimated by fANOVA from the completed "
+                     f"trials only. With {len(complete)} trials this is a rough guide, not a measurement.")
+
+
+def _parallel(page: Page, sd: StudyData) -> None:
+    """Parallel coordinates drawn with SVG lines (plotly's parcoords needs WebGL, which many remote browsers lack)."""
+    import plotly.graph_objects as go
+
+    complete = sd.complete
+    params = [p for p in sd.param_names if any(p in t.params for t in complete)]
+    if len(complete) < 2 or not params:
+        page.note("Parallel coordinates need at least 2 complete trials.")
+        return
+    axes: list[dict[str, Any]] = []
+    for p in params:
+        vals = [t.params[p] for t in complete if p in t.params]
+        if _numeric_values(sd, p):
+            log = _is_log(sd, p)
+            f = (lambda v: math.log10(v)) if log else (lambda v: float(v))
+            lo, hi = min(f(v) for v in vals), max(f(v) for v in vals)
+            span = (hi - lo) or 1.0
+            ticks = sorted(set(vals))
+            if len(ticks) > 6:
+                ticks = [10 ** (lo + span * k / 4) if log else lo + span * k / 4 for k in range(5)]
+            axes.append({"name": p + (" (log scale)" if log else ""), "pos": (lambda v, f=f, lo=lo, span=span, one=(hi == lo):
+                                                                          0.5 if one else (f(v) - lo) / span),
+                         "ticks": ticks})
+        else:
+            cats = sorted({str(v) for v in vals})
+            n = len(cats)
+            axes.append({"name": p, "pos": (lambda v, cats=cats, n=n: 0.5 if n == 1 else cats.index(str(v)) / (n - 1)),
+                         "ticks": cats})
+    values = [t.value for t in complete]
+    vlo, vhi = min(values), max(values)
+    vspan = (vhi - vlo) or 1.0
+    axes.append({"name": sd.metric, "pos": lambda v: 0.5 if vhi == vlo else (v - vlo) / vspan,
+                 "ticks": [vlo + vspan * k / 4 for k in range(5)] if vhi > vlo else [vlo]})
+    colorscale = metric_scale(sd.maximize)
+    fig = go.Figure()
+    for t in sorted(complete, key=lambda t: t.value if sd.maximize else -t.value):  # best drawn last, on top
+        xs, ys = [], []
+        for i, ax in enumerate(axes[:-1]):
+            if params[i] in t.params:
+                xs.append(i)
+                ys.append(ax["pos"](t.params[params[i]]))
+        xs.append(len(axes) - 1)
+        ys.append(axes[-1]["pos"](t.value))
+        c = scale_color(colorscale, (t.value - vlo) / vspan if vhi > vlo else 1.0)
+        settings = "<br>".join(f"{k}={fparam(v)}" for k, v in t.params.items())
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", line={"color": c, "width": 2.5}, marker={"size": 6, "color": c},
+                                 showlegend=False, name=f"trial #{t.number}",
+                                 hovertemplate=f"trial #{t.number}: {sd.metric} {t.value:.4f}<br>{settings}<extra></extra>"))
+    # the colour bar (an invisible trace that carries the scale)
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip",
+                             marker={"colorscale": colorscale, "cmin": vlo, "cmax": vhi, "color": [vlo], "showscale": True,
+                                     "colorbar": {"title": {"text": sd.metric}, "thickness": 14}}))
+    for i, ax in enumerate(axes):
+        fig.add_shape(type="line", x0=i, x1=i, y0=0, y1=1, line={"color": "#444", "width": 1.5}, layer="below")
+        for tv in ax["ticks"]:
+            y = ax["pos"](tv)
+            label = fparam(tv) if not isinstance(tv, str) else tv
+            if i == len(axes) - 1:
+                label = f"{tv:.4f}"
+            fig.add_annotation(x=i, y=y, text=esc(label), showarrow=False, xanchor="right", xshift=-6, font={"size": 11, "color": "#333"},
+                               bgcolor="rgba(255,255,255,0.75)")
+            fig.add_shape(type="line", x0=i - 0.03, x1=i, y0=y, y1=y, line={"color": "#444", "width": 1})
+    style(fig, f"Parallel coordinates: settings of the {len(complete)} complete trials, coloured by {sd.metric}",
+          "setting (each vertical axis is one parameter; the last axis is the metric)", "", height=460, legend=False)
+    fig.update_xaxes(tickmode="array", tickvals=list(range(len(axes))), ticktext=[ax["name"] for ax in axes],
+                     range=[-0.45, len(axes) - 0.7], showgrid=False, showline=False, ticks="", zeroline=False)
+    fig.update_yaxes(visible=False, range=[-0.06, 1.06])
+    page.figure(fig, "Each line is one complete trial, darker for a better metric; follow the darkest lines to see which settings the best trials share. "
+                     "Axes are scaled from the smallest to the largest value tried.")
+
+
+def _lr_batch(page: Page, sd: StudyData) -> None:
+    import plotly.graph_objects as go
+
+    lr_key = next((k for k in ("learning_rate", "lr") if k in sd.param_names), None)
+    bs_key = next((k for k in ("global_batch_size", "batch_size") if k in sd.param_names), None)
+    if not lr_key or not bs_key:
+        page.note("Learning rate x batch size: the study does not search both "
+                  f"(searched: {', '.join(sd.param_names) or 'nothing'}).")
+        return
+    pts = [t for t in sd.complete if lr_key in t.params and bs_key in t.params]
+    pruned = [(t, _last_intermediate(t)) for t in sd.by_state("PRUNED") if lr_key in t.params and bs_key in t.params]
+    if not pts:
+        page.note("Learning rate x batch size: no complete trial yet.")
+        return
+    fig = go.Figure()
+    vals = [t.value for t in pts]
+    fig.add_trace(go.Scatter(
+        x=[t.params[lr_key] for t in pts], y=[t.params[bs_key] for t in pts], mode="markers", name="complete trial",
+        marker={"size": 14, "color": vals, "colorscale": metric_scale(sd.maximize), "showscale": True,
+                "line": {"width": 1, "color": "#333"}, "colorbar": {"title": {"text": sd.metric}, "thickness": 14}},
+        customdata=[[t.number, t.value] for t in pts],
+        hovertemplate="trial #%{customdata[0]}<br>" + lr_key + " %{x:.2e}<br>" + bs_key + " %{y}<br>" + sd.metric
+                      + " %{customdata[1]:.4f}<extra></extra>"))
+    if pruned:
+        fig.add_trace(go.Scatter(
+            x=[t.params[lr_key] for t, _ in pruned], y=[t.params[bs_key] for t, _ in pruned], mode="markers",
+            name="pruned trial", marker={"size": 10, "symbol": "x-thin", "line": {"width": 2, "color": MUTED_COLOR}},
+            customdata=[t.number for t, _ in pruned],
+            hovertemplate="trial #%{customdata} (pruned)<br>" + lr_key + " %{x:.2e}<br>" + bs_key + " %{y}<extra></extra>"))
+    best = sd.best
+    if best is not None and lr_key in best.params and bs_key in best.params:
+        fig.add_trace(go.Scatter(x=[best.params[lr_key]], y=[best.params[bs_key]], mode="markers", name=f"best (trial #{best.number})",
+                                 marker={"size": 24, "symbol": "circle-open", "color": BEST_COLOR, "line": {"width": 3}},
+                                 hoverinfo="skip"))
+    style(fig, f"Learning rate x batch size, coloured by {sd.metric}", f"{lr_key} (log scale)",
+          f"{bs_key} (examples per step)", height=440, legend=True)
+    lrs = [t.params[lr_key] for t in pts] + [t.params[lr_key] for t, _ in pruned]
+    if min(lrs) > 0:
+        tv, tt = log_ticks(min(lrs), max(lrs))
+        fig.update_xaxes(type="log", tickmode="array", tickvals=tv, ticktext=tt, minor={"showgrid": False})
+    bss = sorted({t.params[bs_key] for t in pts} | {t.params[bs_key] for t, _ in pruned})
+    if _numeric_values(sd, bs_key) and min(bss) > 0:
+        fig.update_yaxes(type="log", tickmode="array", tickvals=bss, ticktext=[str(b) for b in bss])
+    fig.update_layout(legend={"orientation": "h", "y": -0.22, "x": 0})
+    page.figure(fig, "Larger batches usually want larger learning rates; a diagonal band of good colours shows that trade-off.")
+
+
+def _cost_chart(page: Page, sd: StudyData) -> None:
+    import plotly.graph_objects as go
+
+    pts = [t for t in sd.complete if _trial_seconds(t) is not None]
+    if not pts:
+        page.note("No complete trial has a recorded time yet.")
+        return
+
+    def group(t: Any) -> str:
+        size = t.user_attrs.get("model_params_m")
+        model = t.params.get("model") or (sd.best_run.record.get("model", {}).get("requested") if sd.best_run else None)
+        size_s = f"{size:.1f} M params" if _finite(size) else "size unknown"
+        return f"{model} ({size_s})" if model else size_s
+
+    groups: dict[str, list[Any]] = {}
+    for t in pts:
+        groups.setdefault(group(t), []).append(t)
+    fig = go.Figure()
+    symbols = ["circle", "square", "diamond", "triangle-up", "star", "hexagon", "cross", "pentagon"]
+    for i, (g, ts) in enumerate(sorted(groups.items(), key=lambda kv: kv[1][0].user_attrs.get("model_params_m") or 0)):
+        fig.add_trace(go.Scatter(
+            x=[_trial_seconds(t) for t in ts], y=[t.value for t in ts], mode="markers", name=g,
+            marker={"size": 12, "symbol": symbols[i % len(symbols)], "line": {"width": 1, "color": "#333"}},
+            customdata=[[t.number, t.user_attrs.get("epochs_done")] for t in ts],
+            hovertemplate="trial #%{customdata[0]}<br>%{x:.1f} s<br>" + sd.metric + " %{y:.4f}<br>epochs %{customdata[1]}<extra>"
+                          + esc(g) + "</extra>"))
+    style(fig, f"{sd.metric} against the cost of a trial, by model size", "trial wall-clock time (seconds)",
+          metric_title(sd.metric), height=420, legend=True)
+    fig.update_xaxes(rangemode="tozero")
+    fig.update_layout(legend={"title": {"text": "model (size)"}})
+    page.figure(fig, "Up and to the left is better: a higher score for less time. Complete trials only; time includes evaluation.")
+
+
+def _confirm_results(sd: StudyData) -> list[dict[str, Any]]:
+    out = []
+    for r in (sd.confirm or {}).get("results") or []:
+        vals = [v for v in r.get("values") or [] if _finite(v)]
+        if not isinstance(r, dict) or not vals:
+            continue
+        mean = r.get("mean") if _finite(r.get("mean")) else sum(vals) / len(vals)
+        std = r.get("std") if _finite(r.get("std")) else (
+            math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0)
+        out.append(dict(r, values=vals, mean=mean, std=std))
+    return out
+
+
+def _confirmation(page: Page, sd: StudyData) -> None:
+    import plotly.graph_objects as go
+
+    res = _confirm_results(sd)
+    if not res:
+        page.note("No seed confirmation results (confirm.json) yet: each trial's value comes from a single seed, so "
+                  "small differences between the top trials may be noise.")
+        return
+    metric = (sd.confirm or {}).get("metric") or sd.metric
+    seeds = (sd.confirm or {}).get("seeds") or []
+    by_number = {t.number: t for t in sd.trials}
+    labels = [f"trial #{r.get('trial')}" for r in res]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=labels, y=[r["mean"] for r in res], mode="markers", name="mean over seeds ± 1 std",
+                             marker={"size": 14, "color": TRAIN_COLOR, "symbol": "line-ew-open", "line": {"width": 3, "color": TRAIN_COLOR}},
+                             error_y={"type": "data", "array": [r["std"] for r in res], "visible": True, "thickness": 2, "width": 12},
+                             hovertemplate="%{x}: mean %{y:.4f} ± %{error_y.array:.4f}<extra></extra>"))
+    xs, ys, text = [], [], []
+    for lab, r in zip(labels, res):
+        for k, v in enumerate(r["values"]):
+            xs.append(lab)
+            ys.append(v)
+            text.append(str(seeds[k]) if k < len(seeds) else str(k))
+    fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="one seed", text=text,
+                             marker={"size": 8, "color": "rgba(31,119,180,0.45)", "line": {"width": 1, "color": TRAIN_COLOR}},
+                             hovertemplate="%{x}, seed %{text}: %{y:.4f}<extra></extra>"))
+    sx, sy = [], []
+    for lab, r in zip(labels, res):
+        t = by_number.get(r.get("trial"))
+        if t is not None and _finite(t.value):
+            sx.append(lab)
+            sy.append(t.value)
+    if sx:
+        fig.add_trace(go.Scatter(x=sx, y=sy, mode="markers", name="value found in the search",
+                                 marker={"size": 12, "symbol": "diamond", "color": BEST_COLOR},
+                                 hovertemplate="%{x}: %{y:.4f} in the search<extra></extra>"))
+    style(fig, f"Seed confirmation: {metric} over {len(seeds) or max(len(r['values']) for r in res)} seeds per trial",
+          "trial (settings re-run with different seeds)", metric_title(metric), height=420, legend=True)
+    fig.update_layout(legend={"orientation": "h", "y": -0.22, "x": 0})
+    page.figure(fig, "Error bars are ± one standard deviation across seeds. A search value far above its seed mean is the "
+                     "selection effect: the search kept the luckiest seed.")
+    rows = []
+    for r in res:
+        t = by_number.get(r.get("trial"))
+        rows.append([num_cell(r.get("trial"), 0),
+                     Cell(esc(", ".join(f"{k}={fparam(v)}" for k, v in (r.get("params") or (t.params if t else {})).items())), css="wrap"),
+                     num_cell(t.value if t is not None and _finite(t.value) else None, 4), num_cell(r["mean"], 4), num_cell(r["std"], 4, text=f"{r['std']:.4f}"),
+                     Cell(esc(", ".join(f"{v:.4f}" for v in r["values"])), css="wrap")])
+    page.table(["trial", "settings", f"{metric} in search", "mean over seeds", "std over seeds", "per seed"], rows)
+
+
+# ---- summary -------------------------------------------------------------------------------------
+
+def study_summary(sd: StudyData, html_path: str | None = None) -> str:
+    lines = [f"# lmtune study: {sd.name}", ""]
+    counts = {s: len(sd.by_state(s)) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
+    lines.append(f"- trials: {len(sd.trials)} ({', '.join(f'{v} {k.lower()}' for k, v in counts.items())})")
+    best = sd.best
+    if best is None:
+        lines.append("- best: no complete trial yet")
+    else:
+        lines.append(f"- best: trial #{best.number}, {sd.metric} {best.value:.4f} with "
+                     + ", ".join(f"{k}={fparam(v)}" for k, v in best.params.items()))
+    if counts["RUNNING"]:
+        lines.append("- still running: this is a snapshot")
+    res = _confirm_results(sd)
+    for r in res:
+        lines.append(f"- confirmed: trial #{r.get('trial')} {sd.metric} {r['mean']:.4f} ± {r['std']:.4f} over {len(r['values'])} seeds")
+    if html_path:
+        lines.append(f"- report: {html_path}")
+    lines.append(f"- dashboard: optuna-dashboard {sd.storage}")
+    return "\n".join(lines) + "\n"
