@@ -140,6 +140,16 @@ def fparam(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def fcount(n: Any) -> str:
+    """A parameter count for people: 134.5 M, 1.24 B, 52.3 K."""
+    if not isinstance(n, (int, float)) or isinstance(n, bool) or not math.isfinite(n):
+        return "?"
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.3g} {unit}" if n / div < 100 else f"{n / div:.1f} {unit}"
+    return str(int(n))
+
+
 def num_cell(v: Any, digits: int = 4, text: str | None = None) -> Cell:
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     return Cell(text if text is not None else fnum(v, digits), v if ok else None, numeric=True)

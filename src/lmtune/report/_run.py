@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.errors import DataError
-from lmtune.report._page import (BEST_COLOR, MUTED_COLOR, TEST_COLOR, TRAIN_COLOR, VAL_COLOR, Cell, Page, esc, fnum,
+from lmtune.report._page import (BEST_COLOR, MUTED_COLOR, TEST_COLOR, TRAIN_COLOR, VAL_COLOR, Cell, Page, esc, fcount, fnum,
                                  fparam, num_cell, style)
 
 RUN_RECORD = "lmtune_run.json"
@@ -224,9 +224,9 @@ def _params_text(model: dict[str, Any]) -> str | None:
     total, trainable = model.get("total_params"), model.get("trainable_params")
     if not total:
         return None
-    s = f"{total / 1e6:.1f} M total"
+    s = f"{fcount(total)} total"
     if trainable is not None:
-        s += f", {trainable / 1e6:.2f} M trainable ({100 * trainable / total:.1f}%)"
+        s += f", {fcount(trainable)} trainable ({100 * trainable / total:.1f}%)"
     return s
 
 
@@ -570,7 +570,7 @@ def run_summary(run: RunData, html_path: str | None = None) -> str:
     history = rec.get("history") or []
     lines = [f"# lmtune run: {run.name}", ""]
     name = model.get("requested") or mc.get("name") or "?"
-    params = f", {model['total_params'] / 1e6:.1f} M params" if model.get("total_params") else ""
+    params = f", {fcount(model['total_params'])} params" if model.get("total_params") else ""
     lines.append(f"- model: {name} ({mc.get('method', '?')}{params}), status {rec.get('status', '?')}")
     rows = data.get("rows") or {}
     if rows:

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from lmtune.errors import StudyError
-from lmtune.report._page import (BEST_COLOR, MUTED_COLOR, TRAIN_COLOR, Cell, Page, esc, fparam, log_ticks, metric_scale,
+from lmtune.report._page import (BEST_COLOR, MUTED_COLOR, TRAIN_COLOR, Cell, Page, esc, fcount, fparam, log_ticks, metric_scale,
                                  num_cell, scale_color, style)
 from lmtune.report._run import METRIC_TITLES, RUN_RECORD, RunData, _finite, add_run_sections, load_run
 
@@ -256,14 +256,15 @@ def _leaderboard(page: Page, sd: StudyData) -> None:
             row.append(Cell(esc(fparam(v)), v if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v) if v is not None else None,
                             numeric=isinstance(v, (int, float)) and not isinstance(v, bool)))
         secs = _trial_seconds(t)
-        row += [num_cell(t.user_attrs.get("model_params_m"), 1), num_cell(secs, 1, text=f"{secs:.1f}" if secs is not None else ""),
+        size = t.user_attrs.get("model_params_m")
+        row += [num_cell(size, 1, text=(f"{size:.3g}" if size < 100 else f"{size:.1f}") if _finite(size) else ""), num_cell(secs, 1, text=f"{secs:.1f}" if secs is not None else ""),
                 num_cell(t.user_attrs.get("epochs_done"), 2), num_cell(t.user_attrs.get("micro_batch_size_used"), 0),
                 Cell(esc(note), css="wrap")]
         if best is not None and t.number == best.number:
             highlight.add(i)
         rows.append(row)
     cols = ["rank", "trial", "state", sd.metric] + params + \
-           ["params (M)", "time (s)", "epochs", "micro-batch", "note"]
+           ["params (M)", "time (s)", "epochs run", "micro-batch", "note"]
     page.table(cols, rows, highlight=highlight, drop_empty=True,
                caption="Click a header to sort. The highlighted row is the best complete trial. "
                        f"{sd.metric} ({'higher' if sd.maximize else 'lower'} is better) is the trial's best evaluation; "
@@ -540,7 +541,7 @@ def _cost_chart(page: Page, sd: StudyData) -> None:
     def group(t: Any) -> str:
         size = t.user_attrs.get("model_params_m")
         model = t.params.get("model") or (sd.best_run.record.get("model", {}).get("requested") if sd.best_run else None)
-        size_s = f"{size:.1f} M params" if _finite(size) else "size unknown"
+        size_s = f"{fcount(size * 1e6)} params" if _finite(size) else "size unknown"
         return f"{model} ({size_s})" if model else size_s
 
     groups: dict[str, list[Any]] = {}
