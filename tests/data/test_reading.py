@@ -38,8 +38,10 @@ def test_tsv_with_glue_style_quoting(write, name):
 @pytest.mark.parametrize("name", ["d.jsonl", "d.ndjson", "d.json"])
 def test_json_lines(write, name):
     body = "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in ROWS)
-    t = read_table(write(name, body + "\n"))
-    assert t.texts == [r[0] for r in ROWS] and t.line_numbers == [1, 2, 3]
+    t = read_table(write(name, body))
+    assert t.texts == [r[0] for r in ROWS] and t.line_numbers == [1, 2, 3] and t.skipped == {}
+    t = read_table(write("blank" + name[1:], "\n" + body.replace("\n", "\n\n", 1)))
+    assert t.line_numbers == [2, 4, 5] and t.skipped == {"blank_line": 2}
 
 
 def test_json_array_and_int_labels(write):

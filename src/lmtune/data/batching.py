@@ -83,7 +83,9 @@ def _cache_key(tokenizer: Any, table: Table, label_ids: Sequence[int] | None, ma
     return h.hexdigest()
 
 
-def _tokenize(tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int) -> tuple[list[list[int]], int]:
+def _tokenize(
+    tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int
+) -> tuple[list[list[int]], int]:
     ids: list[list[int]] = []
     truncated = 0
     for start in range(0, len(texts), _CHUNK):
@@ -166,7 +168,8 @@ def encode(
             hit = _load(path, len(table))
             if hit is not None:
                 return hit
-    ids, truncated = _tokenize(tokenizer, list(table.texts), None if table.text_pairs is None else list(table.text_pairs), max_length)
+    pairs = None if table.text_pairs is None else list(table.text_pairs)
+    ids, truncated = _tokenize(tokenizer, list(table.texts), pairs, max_length)
     enc = Encoded(ids, None if label_ids is None else [int(y) for y in label_ids], [len(x) for x in ids], truncated)
     if path is not None:
         _save(path, enc)

@@ -73,7 +73,8 @@ class LabelMap:
         known = self.labels[:_SHOW_KNOWN]
         known_s = f"{known}" + (f" ... ({len(self.labels)} in all)" if len(self.labels) > len(known) else "")
         prefix = f"{path}: " if path else ""
-        raise LabelError(f"{prefix}unknown label{'s' if len(unknown) > 1 else ''} {shown}{more}{where}; known: {known_s}")
+        plural = "s" if len(unknown) > 1 else ""
+        raise LabelError(f"{prefix}unknown label{plural} {shown}{more}{where}; known: {known_s}")
 
     def decode(self, ids: Iterable[Any]) -> list[str]:
         out = []

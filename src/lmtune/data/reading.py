@@ -135,7 +135,9 @@ def read_table(
     if not raw.line_numbers:
         raise DataError(f"{p}: no data rows (only a header)" if raw.location == "line" else f"{p}: no data rows")
 
-    text_col, pair_col, label_col = _resolve_columns(p, raw, text_column, text_pair_column, label_column, require_labels)
+    text_col, pair_col, label_col = _resolve_columns(
+        p, raw, text_column, text_pair_column, label_column, require_labels
+    )
     return _build(p, raw, text_col, pair_col, label_col, require_labels, empty_text, missing_label)
 
 
@@ -219,15 +221,21 @@ def _read_jsonl(path: str, text: str) -> _Raw:
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
     skipped: dict[str, int] = {}
-    for i, line in enumerate(text.split("\n"), start=1):
+    physical = text.split("\n")
+    if physical and not physical[-1].strip():
+        physical.pop()  # what follows the final newline is not a line
+    for i, line in enumerate(physical, start=1):
         if not line.strip():
-            continue  # trailing newline / blank separator lines carry no record
+            # A blank line is not a record; count it so nothing disappears unseen (as for CSV).
+            skipped["blank_line"] = skipped.get("blank_line", 0) + 1
+            continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {i}: not valid JSON ({e.msg} at character {e.colno})") from None
         if not isinstance(obj, dict):
-            raise DataError(f"{path}: line {i}: expected a JSON object {{\"text\": ..., \"label\": ...}}, found {type(obj).__name__}")
+            found = type(obj).__name__
+            raise DataError(f'{path}: line {i}: expected a JSON object {{"text": ..., "label": ...}}, found {found}')
         rows.append(obj)
         lines.append(i)
     return _Raw(_rows_to_columns(rows), lines, "line", skipped)
@@ -355,9 +363,13 @@ def _resolve_columns(
             label = rest[0]
 
     if text is None:
-        raise DataError(f"{path}: cannot tell which column holds the text; columns: {names}; name it with --text-column")
+        raise DataError(
+            f"{path}: cannot tell which column holds the text; columns: {names}; name it with --text-column"
+        )
     if label is None and require_labels:
-        raise LabelError(f"{path}: cannot tell which column holds the labels; columns: {names}; name it with --label-column")
+        raise LabelError(
+            f"{path}: cannot tell which column holds the labels; columns: {names}; name it with --label-column"
+        )
     used = [c for c in (text, pair, label) if c is not None]
     if len(set(used)) != len(used):
         raise DataError(f"{path}: one column is used twice (text '{text}', pair '{pair}', label '{label}')")

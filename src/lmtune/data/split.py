@@ -170,7 +170,9 @@ def _counts(labels: Sequence[str], label_map: LabelMap) -> dict[str, int]:
 
 def _skip_warnings(t: Table) -> list[str]:
     return [
-        f"{t.path}: skipped {n} {'row' if n == 1 else 'rows'} ({why.replace('_', ' ')})" for why, n in sorted(t.skipped.items()) if n
+        f"{t.path}: skipped {n} {'row' if n == 1 else 'rows'} ({why.replace('_', ' ')})"
+        for why, n in sorted(t.skipped.items())
+        if n
     ]
 
 
