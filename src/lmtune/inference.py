@@ -82,15 +82,12 @@ def evaluate(model_dir: str, data_file: str, *, text_column: str | None = None, 
 
     Writes the result as JSON (default ``<model_dir>/eval/<file stem>.json``) and returns it.
     """
-    from lmtune.data import read_table
     from lmtune.errors import LabelError
     from lmtune.train.metrics import classification_metrics
 
     clf = load(model_dir, precision=precision)
-    cols = clf.columns
-    table = read_table(data_file, text_column=text_column or _if_present(data_file, cols["text_column"]),
-                       text_pair_column=text_pair_column or _if_present(data_file, cols["text_pair_column"]),
-                       label_column=label_column or _if_present(data_file, cols["label_column"]), require_labels=True)
+    table = _read(data_file, clf, require_labels=True, text_column=text_column, text_pair_column=text_pair_column,
+                  label_column=label_column)
     known = {name: i for i, name in enumerate(clf.labels)}
     unknown = sorted({lab for lab in table.labels if lab not in known})
     if unknown:
@@ -113,7 +110,7 @@ def evaluate(model_dir: str, data_file: str, *, text_column: str | None = None, 
 def predict(model_dir: str, data: str | list[str], *, text_column: str | None = None,
             text_pair_column: str | None = None, batch_size: int = 32, precision: str = "auto") -> list[dict[str, Any]]:
     """Labels with probabilities for a file (CSV/TSV/JSONL/Parquet), or for a list of texts."""
-    from lmtune.data import Table, read_table
+    from lmtune.data import Table
     from lmtune.train.metrics import softmax
 
     clf = load(model_dir, precision=precision)
@@ -125,10 +122,7 @@ def predict(model_dir: str, data: str | list[str], *, text_column: str | None = 
                       line_numbers=list(range(1, len(data) + 1)), text_column="text", text_pair_column=None,
                       label_column=None, skipped={})
     else:
-        cols = clf.columns
-        table = read_table(data, text_column=text_column or _if_present(data, cols["text_column"]),
-                           text_pair_column=text_pair_column or _if_present(data, cols["text_pair_column"]),
-                           label_column=None, require_labels=False)
+        table = _read(data, clf, require_labels=False, text_column=text_column, text_pair_column=text_pair_column)
     logits, _ = _logits(clf, table, batch_size)
     probs = softmax(logits)
     rows = []
@@ -143,13 +137,15 @@ def predict(model_dir: str, data: str | list[str], *, text_column: str | None = 
     return rows
 
 
-def _if_present(path: str, column: str | None) -> str | None:
-    """The training run's column name, used only when this file has a column of that name."""
-    if not column:
-        return None
-    from lmtune.data.reading import read_header
+def _read(path: str, clf: Classifier, *, require_labels: bool, **given: str | None):
+    """Read ``path`` preferring the training run's column names; fall back to detection when absent."""
+    from lmtune.data import read_table
 
+    trained = {k: v for k, v in clf.columns.items() if k in given}
+    preferred = {k: given[k] or trained.get(k) for k in given}
     try:
-        return column if column in read_header(path) else None
-    except Exception:
-        return None
+        return read_table(path, require_labels=require_labels, **preferred)
+    except DataError:
+        if preferred == given:
+            raise
+        return read_table(path, require_labels=require_labels, **given)

@@ -95,8 +95,12 @@ def _stop_requested_handler(flag: dict[str, Any]) -> Callable:
 
 
 def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = None,
-          resources: Resources | None = None) -> TrainResult:
-    """Fine-tune ``cfg.model`` on ``cfg.data`` and write a transformers folder to ``cfg.output_dir``."""
+          resources: Resources | None = None, quiet: bool = False) -> TrainResult:
+    """Fine-tune ``cfg.model`` on ``cfg.data`` and write a transformers folder to ``cfg.output_dir``.
+
+    ``on_evaluate`` sees every evaluation and may raise to stop the run (a search prunes this way);
+    ``quiet`` moves the per-run log lines to debug level (a search prints one line per trial instead).
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
@@ -107,6 +111,7 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
     from lmtune.models import cache_root, load_classifier, resolve, to_plain_transformers
 
     t_start = time.time()
+    say = log.debug if quiet else log.info
     tc, out = cfg.train, Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
     record_path = out / RECORD_FILE
@@ -120,10 +125,10 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
         if resume_from is None and record_path.is_file():
             import json
             record = json.loads(record_path.read_text())
-            log.info(f"--resume: {out} already holds a finished run; nothing to do")
+            say(f"--resume: {out} already holds a finished run; nothing to do")
             return TrainResult(str(out), record["best"], record["history"], record)
         if resume_from is None:
-            log.info(f"--resume: no usable checkpoint in {ckpt_root}; starting from the beginning")
+            say(f"--resume: no usable checkpoint in {ckpt_root}; starting from the beginning")
         elif resume_from["state"].get("config") != _resumable_config(cfg):
             raise CheckpointError(
                 f"{resume_from['path']}: written by a run with a different configuration; "
@@ -138,12 +143,17 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
     show = tc.progress and main
     set_seed(tc.seed)
     hf_logging.disable_progress_bar()
+    try:  # save_pretrained's "Writing model shards" bar comes from huggingface_hub
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    except ImportError:
+        pass
 
     bundle = (resources.data_bundle if resources and resources.data_bundle is not None else load_data(cfg.data))
     labels = bundle.label_map.labels
     if main:
         s = bundle.summary
-        log.info(f"data: {s['rows']['train']} training rows, {s['rows']['val']} validation rows "
+        say(f"data: {s['rows']['train']} training rows, {s['rows']['val']} validation rows "
                  f"({s['val_source']}), {len(labels)} classes" + _skipped_note(s))
         for w in s.get("warnings", []):
             log.warning(f"warning: {w}")
@@ -177,11 +187,11 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
     device = accelerator.device
 
     if main:
-        log.info(f"model: {cfg.model.name} ({loaded.total_params / 1e6:.1f}M parameters, "
-                 f"{loaded.trainable_params / 1e6:.2f}M trainable, method {cfg.model.method}); precision "
+        say(f"model: {cfg.model.name} ({_millions(loaded.total_params)} parameters, "
+                 f"{_millions(loaded.trainable_params)} trainable, method {cfg.model.method}); precision "
                  f"{'fp32' if mixed == 'no' else mixed}; {world} process(es); "
                  f"batch {tc.global_batch_size} = micro {micro} x {world} process(es) x accumulation")
-        log.info(f"steps: {steps_per_epoch} per epoch, {total_steps} in all; max length {tc.max_length} "
+        say(f"steps: {steps_per_epoch} per epoch, {total_steps} in all; max length {tc.max_length} "
                  f"({train_enc.truncated} of {len(train_enc)} training texts truncated)")
 
     # ---- state (fresh or resumed) ----------------------------------------------------------------
@@ -199,7 +209,7 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
         st.update(resume_from["state"])
         micro = st["micro_batch_size"]
         if main:
-            log.info(f"resumed from {resume_from['path']} (step {st['global_step']}, epoch {st['epoch'] + 1})")
+            say(f"resumed from {resume_from['path']} (step {st['global_step']}, epoch {st['epoch'] + 1})")
 
     stop = {"stop": None}
     old_handlers = {}
@@ -253,7 +263,7 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
         else:
             st["evals_without_improvement"] += 1
         if main:
-            log.info(f"epoch {entry['epoch']:.2f}  step {entry['step']}/{total_steps}  {format_metrics(entry)}"
+            say(f"epoch {entry['epoch']:.2f}  step {entry['step']}/{total_steps}  {format_metrics(entry)}"
                      + ("  (best)" if improved else ""))
         save_state()
         if on_evaluate is not None:
@@ -261,7 +271,7 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
         patience = tc.early_stopping_patience
         if patience is not None and st["evals_without_improvement"] >= patience:
             if main:
-                log.info(f"early stopping: {tc.metric} did not improve in {patience} evaluation(s)")
+                say(f"early stopping: {tc.metric} did not improve in {patience} evaluation(s)")
             return True
         return False
 
@@ -345,13 +355,17 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
         atomic_write_json(record_path, record)
         _write_curve(out / "curve.csv", st["history"])
         shutil.rmtree(ckpt_root, ignore_errors=True)
-        log.info(f"best: step {st['best']['step']}  {format_metrics(st['best'])}")
-        log.info(f"saved: {out}")
+        say(f"best: step {st['best']['step']}  {format_metrics(st['best'])}")
+        say(f"saved: {out}")
     accelerator.wait_for_everyone()
     if record is None:
         import json
         record = json.loads(record_path.read_text())
     return TrainResult(str(out), record["best"], record["history"], record)
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
 def _adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:

@@ -102,6 +102,18 @@ class SearchSpace:
                     params[name] = self.dims[name].suggest(trial)
         return params
 
+    def fixed(self) -> dict[str, Any]:
+        """Values of the dimensions that do not vary (Optuna records only sampled ones in trial.params)."""
+        return {k: d.choices[0] for k, d in self.dims.items() if d.kind == "fixed"}
+
+    def complete(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A trial's sampled params plus the fixed ones: everything needed to rebuild its config."""
+        out = {k: v for k, v in self.fixed().items() if k not in CONDITIONAL_ON_LORA}
+        out.update(params)
+        if out.get("method") == "lora":
+            out.update({k: v for k, v in self.fixed().items() if k in CONDITIONAL_ON_LORA and k not in params})
+        return out
+
     def describe(self) -> dict[str, str]:
         return {k: v.describe() for k, v in self.dims.items()}
 

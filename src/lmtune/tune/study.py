@@ -25,12 +25,16 @@ import socket
 import statistics
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+
+# fail_stale_trials and heartbeats are marked experimental; the warning would repeat before every trial.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 from lmtune._console import log
 from lmtune._io import atomic_write_json, atomic_write_text
@@ -327,7 +331,7 @@ def _fail_and_requeue(study, trial, reason: str) -> None:
 
 def _run_trial(study, trial, space: SearchSpace, run: RunConfig, tc: TuneConfig, out: Path, n_train: int,
                resources, train_fn) -> TrialState:
-    params = space.sample(trial)
+    params = space.complete(space.sample(trial))
     trial_dir = out / "trials" / f"trial-{trial.number:04d}"
     cfg = _apply(run, params, trial_dir, tc.evals_per_epoch, n_train)
     metric = run.train.metric
@@ -349,7 +353,7 @@ def _run_trial(study, trial, space: SearchSpace, run: RunConfig, tc: TuneConfig,
     trial.set_user_attr("model_params_m", _params_m(cfg.model.name))
     state = TrialState.FAIL
     try:
-        result = train_fn(cfg, on_evaluate=on_evaluate, resources=resources)
+        result = train_fn(cfg, on_evaluate=on_evaluate, resources=resources, quiet=True)
         value = result.best[metric]
         trial.set_user_attr("micro_batch_size_used", result.record.get("micro_batch_size_used"))
         trial.set_user_attr("oom_events", result.record.get("oom_events", []))
@@ -433,11 +437,11 @@ def confirm(study, space, run: RunConfig, tc: TuneConfig, out: Path, n_train: in
     for t in top:
         values = [t.value]
         for seed in seeds:
-            cfg = _apply(run, t.params, out / "confirm" / f"trial-{t.number:04d}-seed-{seed}", 1, n_train)
+            cfg = _apply(run, space.complete(t.params), out / "confirm" / f"trial-{t.number:04d}-seed-{seed}", 1, n_train)
             cfg.train.seed = seed
             cfg.train.eval_every_steps = None
             try:
-                r = train_fn(cfg, resources=resources)
+                r = train_fn(cfg, resources=resources, quiet=True)
                 values.append(r.best[metric])
             except DivergenceError as e:
                 log.warning(f"confirmation of trial {t.number} with seed {seed} diverged: {e}")
