@@ -13,10 +13,23 @@ from typing import Any
 log = logging.getLogger("lmtune")
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at the time (test runners and notebooks replace it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_cli_logging(verbose: bool = False) -> None:
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
     if any(getattr(h, "_lmtune", False) for h in log.handlers):
         return
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler._lmtune = True  # type: ignore[attr-defined]
     log.addHandler(handler)

@@ -17,14 +17,11 @@ from typing import Any, Literal, get_args, get_origin
 
 from lmtune.errors import ConfigError
 
-# field name -> extra flag spellings (the first one is shown first in --help)
-FLAG_ALIASES: dict[str, list[str]] = {
-    "learning_rate": ["--lr"],
-    "global_batch_size": ["--batch-size"],
-    "train_file": ["--data"],
-    "output_dir": ["--out"],
-    "name": ["--model"],
-}
+from lmtune.config import _SHORT_FLAGS
+
+# field name -> extra flag spellings (the first one is shown first in --help); the same short names
+# appear in validation errors, so a message names the flag the user typed.
+FLAG_ALIASES: dict[str, list[str]] = {name: [flag] for name, flag in _SHORT_FLAGS.items()}
 
 
 @cache

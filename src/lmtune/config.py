@@ -19,8 +19,13 @@ Schedule = Literal["linear", "cosine", "constant"]
 Metric = Literal["accuracy", "macro_f1", "val_loss"]
 
 
+# The flag a user types for a field, where it has a short alias (kept in step with _fields.FLAG_ALIASES).
+_SHORT_FLAGS = {"learning_rate": "--lr", "global_batch_size": "--batch-size", "train_file": "--data",
+                "output_dir": "--out", "name": "--model"}
+
+
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return _SHORT_FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def _check(cond: bool, name: str, msg: str, value: Any) -> None:
@@ -140,7 +145,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.learning_rate > 0, "learning_rate", "must be > 0", self.learning_rate)
-        _check(self.global_batch_size >= 1, "batch_size", "must be >= 1", self.global_batch_size)
+        _check(self.global_batch_size >= 1, "global_batch_size", "must be >= 1", self.global_batch_size)
         _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1", self.micro_batch_size)
         _check(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
         _check(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1", self.max_steps)

@@ -138,6 +138,11 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
         shutil.rmtree(ckpt_root)
 
     mixed = resolve_precision(tc.precision)
+    # accelerate keeps its state per process; a second run in the same process (a search, a notebook,
+    # the Python API) may use another precision, so start from a clean state. The process group, if
+    # any, lives in PartialState and is kept.
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     show = tc.progress and main
@@ -493,8 +498,9 @@ def _write_curve(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def _skipped_note(summary: dict[str, Any]) -> str:
-    skipped = {k: v for k, v in (summary.get("skipped") or {}).items() if v}
-    return f"; skipped {skipped}" if skipped else ""
+    parts = [f"{split} {why.replace('_', ' ')} {n}" for split, counts in (summary.get("skipped") or {}).items()
+             for why, n in (counts or {}).items() if n]
+    return f"; skipped rows: {', '.join(parts)}" if parts else ""
 
 
 def _resumable_config(cfg: RunConfig) -> dict[str, Any]:
