@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import statistics
 import threading
@@ -43,6 +44,9 @@ from lmtune.errors import ConfigError, DivergenceError, LmtuneError, ModelError,
 from lmtune.tune.space import SEARCHABLE, SearchSpace, build_space
 
 STUDY_FILE = "study.json"
+# Reliability tests: a real kill -9 of this worker at its k-th evaluation (counted over all its trials).
+_FAULT_ENV = "LMTUNE_FAULT_KILL_AFTER_EVALS"
+_evals_seen = 0
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -110,7 +114,9 @@ def _pruner(tc: TuneConfig) -> optuna.pruners.BasePruner:
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     # Median: after two finished trials, stop a trial whose evaluation is worse than the median of
     # earlier trials at the same point; its first evaluation is never judged (warm-up noise).
-    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1, interval_steps=1)
+    # Reported steps start at 1 (see on_evaluate), and Optuna judges every step >= n_warmup_steps, so
+    # n_warmup_steps=2 is what leaves the first evaluation alone.
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2, interval_steps=1)
 
 
 def _params_m(name: str) -> float:
@@ -272,52 +278,85 @@ def tune(run: RunConfig, search: SearchConfig | None = None, tc: TuneConfig | No
     trial_seconds: list[float] = [t.user_attrs["seconds"] for t in study.get_trials(deepcopy=False, states=FINISHED)
                                   if "seconds" in t.user_attrs]
     consecutive_errors = 0
-    while True:
-        optuna.storages.fail_stale_trials(study)
-        _fail_dead_local_trials(study)
-        c = _counts(study)
-        if tc.n_trials is not None and c["complete"] + c["pruned"] >= tc.n_trials:
-            break
-        if budget is not None:
-            elapsed = time.time() - t_start
-            typical = statistics.median(trial_seconds) if trial_seconds else 0.0
-            reserve = typical * tc.confirm_seeds * tc.confirm_top if tc.confirm_seeds else 0.0
-            if elapsed + typical + reserve > budget and (trial_seconds or elapsed > budget):
-                log.info(f"budget: {elapsed:.0f} s used of {budget:.0f} s; a typical trial takes {typical:.0f} s"
-                         + (f" and confirmation needs ~{reserve:.0f} s" if reserve else "") + "; no new trial")
+    current: list[optuna.Trial] = []  # the trial this worker holds (RUNNING), if any
+    old_handlers = _raise_on_signals()
+    try:
+        while True:
+            optuna.storages.fail_stale_trials(study)
+            _fail_dead_local_trials(study)
+            c = _counts(study)
+            if tc.n_trials is not None and c["complete"] + c["pruned"] >= tc.n_trials:
                 break
-        trial_id = study._pop_waiting_trial_id()
-        if trial_id is None:
-            if tc.n_trials is None:
-                trial_id = study._storage.create_new_trial(study._study_id)
-            elif c["running"] > 0:
-                time.sleep(min(5.0, tc.heartbeat_interval))  # another worker's trial may die and come back
-                continue
-            else:
-                _ensure_slots(study, tc.n_trials)  # a trial whose retries ran out frees its slot
-                continue
-        trial = optuna.Trial(study, trial_id)
-        study._storage.set_trial_system_attr(trial_id, "lmtune_worker", {"host": socket.gethostname(), "pid": os.getpid()})
-        t0 = time.time()
-        try:
+            if budget is not None:
+                elapsed = time.time() - t_start
+                typical = statistics.median(trial_seconds) if trial_seconds else 0.0
+                reserve = typical * tc.confirm_seeds * tc.confirm_top if tc.confirm_seeds else 0.0
+                if elapsed + typical + reserve > budget and (trial_seconds or elapsed > budget):
+                    log.info(f"budget: {elapsed:.0f} s used of {budget:.0f} s; a typical trial takes {typical:.0f} s"
+                             + (f" and confirmation needs ~{reserve:.0f} s" if reserve else "") + "; no new trial")
+                    break
+            trial_id = study._pop_waiting_trial_id()
+            if trial_id is None:
+                if tc.n_trials is None:
+                    trial_id = study._storage.create_new_trial(study._study_id)
+                elif c["running"] > 0:
+                    time.sleep(min(5.0, tc.heartbeat_interval))  # another worker's trial may die and come back
+                    continue
+                else:
+                    _ensure_slots(study, tc.n_trials)  # a trial whose retries ran out frees its slot
+                    continue
+            trial = optuna.Trial(study, trial_id)
+            current[:] = [trial]
+            study._storage.set_trial_system_attr(trial_id, "lmtune_worker", {"host": socket.gethostname(), "pid": os.getpid()})
+            t0 = time.time()
             with _Heartbeat(study._storage, trial_id, tc.heartbeat_interval):
                 state = _run_trial(study, trial, space, run, tc, out, n_train, resources, train)
+            current.clear()
             consecutive_errors = 0 if state != TrialState.FAIL else consecutive_errors + 1
-        except (Interrupted, KeyboardInterrupt) as e:
-            _fail_and_requeue(study, trial, f"interrupted ({e})")
-            raise Interrupted(f"search interrupted; trial {trial.number} re-queued; rerun the same command to resume") from None
-        if state in FINISHED:
-            trial_seconds.append(time.time() - t0)
-        if consecutive_errors >= 3:
-            raise StudyError("three trials in a row failed with errors (see above); stopping the search")
-        _print_leaderboard(study, run.train.metric, every=5)
-        gc.collect()
+            if state in FINISHED:
+                trial_seconds.append(time.time() - t0)
+            if consecutive_errors >= 3:
+                raise StudyError("three trials in a row failed with errors (see above); stopping the search")
+            _print_leaderboard(study, run.train.metric, every=5)
+            gc.collect()
+    except (Interrupted, KeyboardInterrupt) as e:
+        # SIGINT/SIGTERM anywhere in the loop (loading a model, between trials, in a training step): the
+        # trial this worker holds is failed and re-queued with the same parameters, never left RUNNING.
+        where = ""
+        if current:
+            _fail_and_requeue(study, current[0], f"interrupted ({e or type(e).__name__})")
+            where = f"; trial {current[0].number} re-queued"
+        raise Interrupted(f"search interrupted{where}; rerun the same command to resume") from None
+    finally:
+        _restore_signals(old_handlers)
 
     result = summarize(study, out, run.train.metric)
     if tc.confirm_seeds and result.best_trial is not None and tc.n_trials is not None and _is_leader(study):
         result.confirmation = confirm(study, space, run, tc, out, n_train, resources, train)
     _write_outputs(study, out, run.train.metric, result)
     return result
+
+
+def _raise_on_signals() -> dict[int, Any]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread while the search runs.
+
+    Without this, SIGTERM (the default action: die at once) would leave the trial RUNNING until its
+    heartbeat goes stale. ``train`` installs its own handler during training (stop after the step) and
+    puts this one back when it returns.
+    """
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, handler)
+    return old
+
+
+def _restore_signals(old: dict[int, Any]) -> None:
+    for sig, h in old.items():
+        signal.signal(sig, h)
 
 
 def _fail_and_requeue(study, trial, reason: str) -> None:
@@ -346,6 +385,7 @@ def _run_trial(study, trial, space: SearchSpace, run: RunConfig, tc: TuneConfig,
         # Evaluation k happens at k / evals_per_epoch epochs in every trial, whatever its batch size, so
         # pruners compare trials at the same fraction of training.
         step = max(1, round(ev.epoch * tc.evals_per_epoch))
+        _fault_hook()
         trial.report(ev.metrics[metric], step)
         if trial.should_prune():
             raise optuna.TrialPruned(f"{metric} {ev.metrics[metric]:.4f} at epoch {ev.epoch:.2f}")
@@ -395,6 +435,14 @@ def _run_trial(study, trial, space: SearchSpace, run: RunConfig, tc: TuneConfig,
     finally:
         _keep_if_best(study, trial, trial_dir, out, state)
     return state
+
+
+def _fault_hook() -> None:
+    global _evals_seen
+    _evals_seen += 1
+    k = int(os.environ.get(_FAULT_ENV, "0") or 0)
+    if k and _evals_seen >= k:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _keep_if_best(study, trial, trial_dir: Path, out: Path, state: TrialState) -> None:
