@@ -39,7 +39,9 @@ def base_args(data: dict[str, str], model: str, out: Path, *extra: str) -> list[
 
 def lmtune_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"})
+    # One thread: width-32 models gain nothing from more, and parallel workers on 2 cores must not oversubscribe.
+    env.update({"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore",
+                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     env.update(extra)
     return env
 
@@ -72,3 +74,25 @@ def snapshot(study) -> dict[int, tuple[str, dict, float | None]]:
     """number -> (state, params, value) for every trial that is not WAITING."""
     return {t.number: (t.state.name, dict(t.params), t.value) for t in study.get_trials(deepcopy=False)
             if t.state.name != "WAITING"}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cli_logging():
+    """`lmtune.cli.main` binds its log handler to the sys.stdout of the first call; pytest swaps sys.stdout
+    per test, so drop the handler after each test (the next main() call makes a new one)."""
+    yield
+    from lmtune._console import log
+
+    for h in [h for h in log.handlers if getattr(h, "_lmtune", False)]:
+        log.removeHandler(h)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run fastest on one thread (and the CI box has two cores shared with other jobs)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

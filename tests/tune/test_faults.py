@@ -1,0 +1,143 @@
+"""ENGINEERING.md §3 rows 1, 5, 10, 11: kill -9 and resume, SIGINT/SIGTERM, divergence, out of memory."""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+
+import optuna
+import pytest
+import torch
+
+from lmtune.cli import main
+from lmtune.config import DataConfig, ModelConfig, RunConfig, SearchConfig, TrainConfig, TuneConfig
+from lmtune.tune.study import tune
+from tests.tune.conftest import base_args, load, run, snapshot, start
+
+
+def _states(study) -> list[str]:
+    return [t.state.name for t in study.get_trials()]
+
+
+def test_row1_kill9_then_rerun_resumes(tune_data, tiny_llama, tmp_path):
+    """kill -9 in the third trial (after two COMPLETE); the same command resumes and ends with exactly N COMPLETE."""
+    out, n = tmp_path / "s", 4
+    args = base_args(tune_data, tiny_llama, out, "--lr", "1e-3..3e-3:log", "--n-trials", str(n), "--pruner", "none")
+    # 2 epochs x 2 evaluations per epoch = 4 evaluations per trial: the 9th is the first of trial 2.
+    killed = run(args, LMTUNE_FAULT_KILL_AFTER_EVALS="9")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout
+    before = load(out)
+    done = {k: v for k, v in snapshot(before).items() if v[0] == "COMPLETE"}
+    assert sorted(done) == [0, 1]
+    (victim,) = [t for t in before.get_trials() if t.state.name == "RUNNING"]
+
+    again = run(args)
+    assert again.returncode == 0, again.stdout
+    after = load(out)
+    trials = after.get_trials()
+    assert {k: snapshot(after)[k] for k in done} == done, "completed trials unchanged"
+    assert after.trials[victim.number].state.name == "FAIL"
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].state.name == "COMPLETE"
+    assert retries[0].params == victim.params, "the killed trial is retried with the same parameters"
+    assert _states(after).count("COMPLETE") == n
+    assert "RUNNING" not in _states(after) and "WAITING" not in _states(after)
+    assert len({t.number for t in trials}) == len(trials)
+    assert "leaderboard" in again.stdout
+
+
+def _send_when_trial_starts(proc, sig, number: int, delay: float) -> list[str]:
+    """Read the worker's output; send ``sig`` ``delay`` seconds after it announces trial ``number``."""
+    lines: list[str] = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(f"trial {number}: ") and "COMPLETE" not in line:
+            time.sleep(delay)
+            proc.send_signal(sig)
+            break
+    return lines
+
+
+# delay 0: the signal lands while the trial loads its model, before `train` installs its own handler
+# (SIGTERM's default action used to kill the worker there and leave the trial RUNNING); 1 s: in training.
+@pytest.mark.parametrize("sig, delay", [(signal.SIGINT, 1.0), (signal.SIGTERM, 0.0)], ids=["SIGINT-training", "SIGTERM-loading"])
+def test_row5_signal_fails_and_requeues_then_rerun_completes(tune_data, tiny_llama, tmp_path, sig, delay):
+    out, n = tmp_path / "s", 2
+    args = base_args(tune_data, tiny_llama, out, "--lr", "1e-3..3e-3:log", "--n-trials", str(n), "--pruner", "none",
+                     "--epochs", "4")
+    proc = start(args)
+    lines = _send_when_trial_starts(proc, sig, 1, delay)
+    t0 = time.time()
+    try:
+        rest, _ = proc.communicate(timeout=15)
+    except Exception:
+        proc.kill()
+        raise
+    waited = time.time() - t0
+    text = "".join(lines) + rest
+    assert proc.returncode == 130, text
+    assert waited < 10, f"took {waited:.1f} s to stop"
+    study = load(out)
+    assert "RUNNING" not in _states(study), text
+    t1 = study.trials[1]
+    assert t1.state.name == "FAIL" and "interrupted" in t1.user_attrs.get("fail_reason", "")
+    (retry,) = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == 1]
+    assert retry.state.name == "WAITING"
+    assert "re-queued" in text and "rerun the same command" in text
+
+    again = run(args)
+    assert again.returncode == 0, again.stdout
+    study = load(out)
+    assert _states(study).count("COMPLETE") == n and "RUNNING" not in _states(study)
+
+
+def test_row10_diverging_trial_is_pruned_never_complete(tune_data, tiny_llama, tmp_path):
+    """lr = 1000 with weight decay 0.1 makes the tiny model's loss NaN within a few steps (lr = 10 does not:
+    gradient clipping and RMSNorm keep it finite, so it is a bad but honest COMPLETE)."""
+    out = tmp_path / "s"
+    code = main(base_args(tune_data, tiny_llama, out, "--lr", "1000,3e-3", "--weight-decay", "0.1", "--n-trials", "4",
+                          "--pruner", "none", "--epochs", "1"))
+    assert code == 0
+    study = load(out)
+    diverged = [t for t in study.get_trials() if t.params["learning_rate"] == 1000]
+    assert diverged, "the sampler never tried lr=1000; choose another --sampler-seed"
+    for t in diverged:
+        assert t.state.name in ("PRUNED", "FAIL")
+        assert "diverged" in t.user_attrs["fail_reason"] and "nan" in t.user_attrs["fail_reason"].lower()
+    complete = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+    assert complete and all(math.isfinite(t.value) for t in complete)
+    assert all(t.params["learning_rate"] != 1000 for t in complete)
+    assert _states(study).count("COMPLETE") + _states(study).count("PRUNED") == 4
+    assert study.best_trial.params["learning_rate"] == 3e-3
+
+
+def test_row11_oom_lowers_micro_batch_and_keeps_global_batch(tune_data, tiny_llama, tmp_path, monkeypatch):
+    from transformers import LlamaForSequenceClassification
+
+    real = LlamaForSequenceClassification.forward
+    seen: list[int] = []
+
+    def forward(self, input_ids=None, *a, **kw):
+        if self.training:
+            seen.append(int(input_ids.shape[0]))
+            if input_ids.shape[0] > 4:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, input_ids, *a, **kw)
+
+    monkeypatch.setattr(LlamaForSequenceClassification, "forward", forward)
+    monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path / "cache"))
+    cfg = RunConfig(data=DataConfig(train_file=tune_data["train"], val_file=tune_data["val"]),
+                    model=ModelConfig(name=tiny_llama), train=TrainConfig(max_length=32),
+                    output_dir=str(tmp_path / "s"), report=False)
+    result = tune(cfg, SearchConfig(learning_rate="3e-3", global_batch_size="16", epochs="1"),
+                  TuneConfig(n_trials=1, confirm_seeds=0, pruner="none"))
+    (t,) = load(tmp_path / "s").get_trials()
+    assert t.state.name == "COMPLETE" and result.counts["complete"] == 1
+    assert t.user_attrs["micro_batch_size_used"] == 4
+    assert [e["micro_batch_size"] for e in t.user_attrs["oom_events"]] == [8, 4]
+    assert max(seen) == 16 and seen.count(4) >= 4, "global batch 16 = 4 micro-batches of 4"
+    import json
+    record = json.loads((tmp_path / "s" / "best" / "lmtune_run.json").read_text())
+    assert record["config"]["train"]["global_batch_size"] == 16 and record["micro_batch_size_used"] == 4
