@@ -20,6 +20,7 @@ import gc
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import socket
@@ -75,16 +76,26 @@ def open_storage(url: str, tc: TuneConfig) -> optuna.storages.BaseStorage:
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
-    try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=tc.heartbeat_interval,
-            grace_period=tc.grace_period,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
-        )
-    except Exception as e:
-        raise StudyError(f"--storage {redact(url)}: cannot open ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    import sqlalchemy.exc
+
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=tc.heartbeat_interval,
+                grace_period=tc.grace_period,
+                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+            )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
+            # Workers started together on a fresh PostgreSQL database race to create Optuna's tables; the
+            # losers see "duplicate key ... pg_type" or "relation already exists". The tables exist now: retry.
+            if attempt == 5:
+                raise StudyError(f"--storage {redact(url)}: cannot open ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+            time.sleep(0.5 + random.random())
+        except Exception as e:
+            raise StudyError(f"--storage {redact(url)}: cannot open ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    raise AssertionError("unreachable")
 
 
 def redact(url: str) -> str:
@@ -96,12 +107,19 @@ def redact(url: str) -> str:
     return url
 
 
-def _sampler(tc: TuneConfig, n_trials: int | None) -> optuna.samplers.BaseSampler:
+def _sampler(tc: TuneConfig, n_trials: int | None, trial_number: int | None = None) -> optuna.samplers.BaseSampler:
+    """The seeded sampler; with ``trial_number``, seeded for that trial.
+
+    One sampler seeded once would give every worker of a shared study the same random stream, so three
+    workers started together proposed the same three configurations. Seeding from (seed, trial number)
+    keeps a sequential search reproducible and gives each trial its own draw whichever worker runs it.
+    """
+    seed = tc.sampler_seed if trial_number is None else (tc.sampler_seed * 1_000_003 + trial_number) % 2**32
     if tc.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=tc.sampler_seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     # Fewer random start-up trials than Optuna's 10: searches here are tens of trials, not hundreds.
     startup = max(3, min(10, (n_trials or 30) // 3))
-    return optuna.samplers.TPESampler(seed=tc.sampler_seed, n_startup_trials=startup, multivariate=True,
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
                                       group=True, constant_liar=True)
 
 
@@ -186,10 +204,32 @@ def _fail_dead_local_trials(study: optuna.Study) -> None:
 
 
 def _counts(study: optuna.Study) -> dict[str, int]:
-    out = {s.name.lower(): 0 for s in TrialState}
+    out = {s.name.lower(): 0 for s in TrialState} | {"surplus": 0}
     for t in study.get_trials(deepcopy=False):
-        out[t.state.name.lower()] += 1
+        out["surplus" if t.system_attrs.get(_SURPLUS) else t.state.name.lower()] += 1
     return out
+
+
+_SURPLUS = "lmtune_surplus"
+
+
+def _is_surplus(study: optuna.Study, number: int, n_trials: int) -> bool:
+    """Whether a just-popped slot lies beyond the first ``n_trials`` live (not FAIL) trials.
+
+    Two workers topping up slots at once can enqueue too many. Every worker applies this one rule: a
+    trial may run only if fewer than ``n_trials`` live trials have lower numbers. Trials only ever leave
+    the live set (FAIL) and new trials get higher numbers, so at most ``n_trials`` trials are ever allowed
+    to run and finish, whatever the interleaving.
+    """
+    live_before = sum(1 for t in study.get_trials(deepcopy=False)
+                      if t.number < number and t.state != TrialState.FAIL)
+    return live_before >= n_trials
+
+
+def _drop_surplus(study: optuna.Study, trial_id: int) -> None:
+    """Retire a surplus slot without running it (FAIL, marked, never retried, hidden from the leaderboard)."""
+    study._storage.set_trial_system_attr(trial_id, _SURPLUS, True)
+    study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
 
 
 def _ensure_slots(study: optuna.Study, n_trials: int) -> None:
@@ -264,7 +304,14 @@ def tune(run: RunConfig, search: SearchConfig | None = None, tc: TuneConfig | No
         if study.direction.name.lower() != direction:
             raise StudyError(f"study '{tc.study_name}' optimises in the other direction; --metric must match")
     if tc.n_trials is not None:
-        _ensure_slots(study, tc.n_trials)
+        if not created:
+            # The creating worker may still be enqueueing its slots; topping up now would add too many.
+            deadline = time.time() + 30
+            while "n_trials" not in study.user_attrs and time.time() < deadline:
+                time.sleep(0.5)
+        if created or study.user_attrs.get("n_trials") != tc.n_trials:
+            _ensure_slots(study, tc.n_trials)
+            study.set_user_attr("n_trials", tc.n_trials)
     atomic_write_json(out / STUDY_FILE, meta)
     c = _counts(study)
     log.info(f"study '{tc.study_name}' in {redact(url)}: {'created' if created else 'resumed'}; "
@@ -305,7 +352,11 @@ def tune(run: RunConfig, search: SearchConfig | None = None, tc: TuneConfig | No
                 else:
                     _ensure_slots(study, tc.n_trials)  # a trial whose retries ran out frees its slot
                     continue
+            study.sampler = _sampler(tc, tc.n_trials, study._storage.get_trial_number_from_id(trial_id))
             trial = optuna.Trial(study, trial_id)
+            if tc.n_trials is not None and _is_surplus(study, trial.number, tc.n_trials):
+                _drop_surplus(study, trial_id)
+                continue
             current[:] = [trial]
             study._storage.set_trial_system_attr(trial_id, "lmtune_worker", {"host": socket.gethostname(), "pid": os.getpid()})
             t0 = time.time()
@@ -562,7 +613,7 @@ def leaderboard(study) -> list[dict[str, Any]]:
     metric = study.user_attrs.get("metric", "value")
     rows = []
     for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.WAITING:
+        if t.state == TrialState.WAITING or t.system_attrs.get(_SURPLUS):
             continue
         value = t.value if t.state == TrialState.COMPLETE else (
             max(t.intermediate_values.values()) if t.intermediate_values else None)
