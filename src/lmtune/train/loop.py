@@ -225,9 +225,22 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
             except ValueError:  # not the main thread (e.g. a search running trials in threads)
                 pass
 
+    eval_batch = {"size": tc.eval_batch_size or 2 * micro}
+
     def evaluate_now() -> dict[str, Any]:
         t0 = time.time()
-        logits = predict_logits(model, val_enc, tc.eval_batch_size or 2 * micro, pad_id, accelerator)
+        while True:
+            try:
+                logits = predict_logits(model, val_enc, eval_batch["size"], pad_id, accelerator)
+                break
+            except torch.OutOfMemoryError:
+                if eval_batch["size"] <= 1 or world > 1:
+                    raise
+                eval_batch["size"] //= 2  # evaluation holds no gradients, but long texts can still not fit
+                st.setdefault("oom_events", []).append({"step": st["global_step"], "eval_batch_size": eval_batch["size"]})
+                log.warning(f"out of memory in evaluation: evaluation batch lowered to {eval_batch['size']}")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
         st["eval_seconds"] += time.time() - t0
         return classification_metrics(logits, np.asarray(val_enc.labels), labels, detailed=True) | {"_logits": logits}
 

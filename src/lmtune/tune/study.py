@@ -85,7 +85,7 @@ def open_storage(url: str, tc: TuneConfig) -> optuna.storages.BaseStorage:
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=tc.heartbeat_interval,
                 grace_period=tc.grace_period,
-                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+                **_stale_callback_kwarg(),
             )
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
             # Workers started together on a fresh PostgreSQL database race to create Optuna's tables; the
@@ -96,6 +96,19 @@ def open_storage(url: str, tc: TuneConfig) -> optuna.storages.BaseStorage:
         except Exception as e:
             raise StudyError(f"--storage {redact(url)}: cannot open ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     raise AssertionError("unreachable")
+
+
+def _stale_callback_kwarg() -> dict[str, Any]:
+    import inspect
+    params = inspect.signature(optuna.storages.RDBStorage.__init__).parameters
+    name = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
+    return {name: _retry()}
+
+
+def _retry():
+    """Re-enqueue a failed trial with the same parameters (Optuna 5 name, older fallback)."""
+    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    return cls(max_retry=3)
 
 
 def redact(url: str) -> str:
@@ -198,7 +211,7 @@ def _fail_dead_local_trials(study: optuna.Study) -> None:
         try:
             if study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
                 log.info(f"trial {t.number}: its worker (pid {owner['pid']}) is gone; marked FAIL and re-queued")
-                optuna.storages.RetryFailedTrialCallback(max_retry=3)(study, study._storage.get_trial(t._trial_id))
+                _retry()(study, study._storage.get_trial(t._trial_id))
         except Exception:
             pass
 
@@ -414,7 +427,7 @@ def _fail_and_requeue(study, trial, reason: str) -> None:
     try:
         study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
         study.tell(trial, state=TrialState.FAIL)
-        optuna.storages.RetryFailedTrialCallback(max_retry=3)(study, study._storage.get_trial(trial._trial_id))
+        _retry()(study, study._storage.get_trial(trial._trial_id))
     except Exception:
         pass
 
