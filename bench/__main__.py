@@ -1,0 +1,86 @@
+"""lmtune benchmarks (issue 5). See bench/README.md.
+
+    python -m bench throughput --data sst2 --rows 2000 --steps 40 --repeats 3
+    python -m bench throughput --data ag_news --rows 2000 --steps 20 --repeats 3 --max-length 128
+    python -m bench mfu --data ag_news --steps 20
+    python -m bench search --budget 10m
+    python -m bench quality --rows 2000
+    python -m bench all --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+
+
+def _seconds(text: str) -> float:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected e.g. 90s, 10m, 1h, got {text!r}")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("throughput", help="lmtune vs Trainer (defaults, best flags): speed, memory, accuracy, MFU")
+    t.add_argument("--data", default="sst2")
+    t.add_argument("--rows", type=int, default=2000)
+    t.add_argument("--steps", type=int, default=40)
+    t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--max-length", type=int)
+    t.add_argument("--val-rows", type=int, help="default: the whole validation file, or 500 rows of a held-out split")
+    t.add_argument("--threads", type=int, help="torch threads in every contender (default: torch's default)")
+    t.add_argument("--contenders", default="lmtune,trainer-best,trainer-default")
+    m = sub.add_parser("mfu", help="lmtune only: model FLOPs utilisation vs the torch.matmul peak, optimizer share")
+    m.add_argument("--data", default="ag_news")
+    m.add_argument("--rows", type=int, default=2000)
+    m.add_argument("--steps", type=int, default=20)
+    m.add_argument("--repeats", type=int, default=3)
+    m.add_argument("--max-length", type=int)
+    m.add_argument("--threads", type=int)
+    s = sub.add_parser("search", help="lmtune tune (TPE, random) vs Trainer.hyperparameter_search, same budget")
+    s.add_argument("--budget", type=_seconds, default=600.0, help="per contender, e.g. 10m")
+    s.add_argument("--data", default="sst2")
+    s.add_argument("--rows", type=int, default=1000)
+    s.add_argument("--val-rows", type=int, default=400)
+    q = sub.add_parser("quality", help="test accuracy vs TF-IDF + logistic regression and published references")
+    q.add_argument("--rows", type=int, default=2000)
+    q.add_argument("--data", default="sst2,ag_news,trec")
+    q.add_argument("--epochs", type=int, default=1)
+    q.add_argument("--test-rows", type=int, default=2000)
+    a = sub.add_parser("all", help="every benchmark; --quick: the smallest setting (< 15 min on 2 idle cores)")
+    a.add_argument("--quick", action="store_true")
+    ns = p.parse_args(argv)
+
+    from bench import quality, search, throughput
+    if ns.cmd == "throughput":
+        throughput.run(ns.data, ns.rows, ns.steps, ns.repeats, max_length=ns.max_length, val_rows=ns.val_rows, threads=ns.threads,
+                       contenders=tuple(ns.contenders.split(",")))
+    elif ns.cmd == "mfu":
+        throughput.mfu(ns.data, ns.rows, ns.steps, ns.repeats, max_length=ns.max_length, threads=ns.threads)
+    elif ns.cmd == "search":
+        search.run(ns.budget, data=ns.data, rows=ns.rows, val_rows=ns.val_rows)
+    elif ns.cmd == "quality":
+        quality.run(ns.data.split(","), ns.rows, epochs=ns.epochs, test_rows=ns.test_rows)
+    elif ns.cmd == "all":
+        t0 = time.time()
+        if ns.quick:
+            throughput.run("sst2", 2000, 10, 1, val_rows=200, name="quick-throughput-sst2")
+            throughput.run("ag_news", 2000, 6, 1, val_rows=100, name="quick-throughput-ag_news")
+            search.run(60, rows=300, val_rows=100, name="quick-search-sst2")
+            quality.run(["sst2", "ag_news", "trec"], 300, test_rows=300, name="quick-quality")
+        else:
+            throughput.run("sst2", 2000, 40, 3)
+            throughput.run("ag_news", 2000, 20, 3, max_length=128)
+            search.run(600)
+            quality.run(["sst2", "ag_news", "trec"], 2000)
+        print(f"all done in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

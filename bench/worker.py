@@ -1,0 +1,233 @@
+"""One contender of the throughput benchmark, in its own process: ``python -m bench.worker '<json spec>'``.
+
+Writes a JSON result to ``spec["result_file"]``. Per-step wall times are taken inside the process; the
+first (warm-up) step is excluded from s/step and tokens/s. Peak RSS is ``ru_maxrss`` of this process,
+read right after the final evaluation (before anything is saved).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _attach_opt_timer(opt: torch.optim.Optimizer, times: list[float]) -> None:
+    state: dict[str, float] = {}
+    opt.register_step_pre_hook(lambda *a: state.__setitem__("t", time.perf_counter()))
+    opt.register_step_post_hook(lambda *a: times.append(time.perf_counter() - state["t"]))
+
+
+def _step_stats(step_times: list[float], step_tokens: list[int], step_padded: list[int], fwd_bwd: list[float],
+                opt_times: list[float]) -> dict[str, Any]:
+    """Aggregate steps 2..S (step 1 is the warm-up)."""
+    st, tk, pd = step_times[1:], step_tokens[1:], step_padded[1:]
+    out = {"steps_timed": len(st), "s_per_step": sum(st) / len(st) if st else None,
+           "median_s_per_step": float(np.median(st)) if st else None,
+           "tokens_timed": int(sum(tk)), "padded_tokens_timed": int(sum(pd)),
+           "tokens_per_s": sum(tk) / sum(st) if st else None,
+           "padding_share": 1 - sum(tk) / sum(pd) if sum(pd) else None,
+           "warmup_step_s": step_times[0] if step_times else None}
+    if opt_times[1:] and st:
+        out["optimizer_s_per_step"] = float(np.mean(opt_times[1:]))
+        out["optimizer_share"] = float(sum(opt_times[1:]) / sum(st))
+    if fwd_bwd[1:] and st:
+        out["fwd_bwd_s_per_step"] = float(np.mean(fwd_bwd[1:]))
+        out["fwd_bwd_share"] = float(sum(fwd_bwd[1:]) / sum(st))
+    return out
+
+
+def run_lmtune(spec: dict[str, Any]) -> dict[str, Any]:
+    import importlib
+
+    import lmtune
+    loop = importlib.import_module("lmtune.train.loop")
+    from bench.common import data_config
+
+    step_tokens: list[int] = []
+    step_padded: list[int] = []
+    step_attn: list[float] = []  # sum over micro-batches of real tokens x padded length (attention FLOPs term)
+    fwd_bwd: list[float] = []
+    opt_times: list[float] = []
+    orig_step, orig_adamw = loop._train_step, loop._adamw
+
+    def timed_step(model, optimizer, accelerator, enc, share, *a, **k):
+        t0 = time.perf_counter()
+        r = orig_step(model, optimizer, accelerator, enc, share, *a, **k)
+        fwd_bwd.append(time.perf_counter() - t0)
+        lens = [enc.lengths[i] for i in share]
+        step_tokens.append(sum(lens))
+        step_padded.append(len(lens) * max(lens))
+        step_attn.append(sum(lens) * max(lens))
+        return r
+
+    def adamw(groups, lr):
+        opt = orig_adamw(groups, lr)
+        _attach_opt_timer(opt, opt_times)
+        return opt
+
+    loop._train_step, loop._adamw = timed_step, adamw
+    rss_after_eval: list[float] = []
+
+    def on_eval(ev):
+        rss_after_eval.append(_rss_mb())
+
+    cfg = lmtune.RunConfig(
+        data=data_config(spec["data"], spec["rows"], spec.get("val_rows")),
+        train=lmtune.TrainConfig(learning_rate=spec["lr"], global_batch_size=spec["batch"], max_steps=spec["steps"],
+                                 warmup_ratio=spec["warmup_ratio"], weight_decay=spec["weight_decay"],
+                                 max_length=spec["max_length"], seed=spec["seed"], precision=spec.get("precision", "auto"),
+                                 eval_batch_size=spec.get("eval_batch", 32), log_every_steps=1, progress=False,
+                                 save_checkpoints=False),
+        output_dir=spec["workdir"] + "/run", overwrite=True, report=False)
+    t0 = time.time()
+    res = lmtune.train(cfg, on_evaluate=on_eval, quiet=True)
+    wall = time.time() - t0
+    rec = res.record
+    cum = [0.0] + [e["elapsed_s"] for e in rec["train_log"]]
+    step_times = [b - a for a, b in zip(cum, cum[1:])]
+    out = _step_stats(step_times, step_tokens, step_padded, fwd_bwd, opt_times)
+    tim = rec["timing"]
+    n_train = rec["data"]["rows"]["train"]
+    cfgm = res_model_config(rec["model"]["resolved"])
+    out |= {"precision": rec["precision"], "val_accuracy": rec["history"][-1]["accuracy"],
+            "eval_seconds": tim["eval_seconds"], "train_seconds_all_steps": tim["train_seconds"],
+            "steps_per_epoch": math.ceil(n_train / spec["batch"]), "train_rows": n_train,
+            "val_rows": rec["data"]["rows"]["val"], "peak_rss_mb": rss_after_eval[-1] if rss_after_eval else _rss_mb(),
+            "peak_rss_mb_incl_save": _rss_mb(), "run_wall_s": wall,
+            "non_embedding_params": rec["model"]["non_embedding_params"], "total_params": rec["model"]["total_params"],
+            "n_layers": cfgm.get("num_hidden_layers"), "d_model": cfgm.get("hidden_size"),
+            "attn_token_len_timed": float(sum(step_attn[1:]))}
+    return out
+
+
+def res_model_config(path: str) -> dict[str, Any]:
+    from pathlib import Path
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except OSError:
+        return {}
+
+
+def run_trainer(spec: dict[str, Any], best: bool) -> dict[str, Any]:
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainerCallback, TrainingArguments)
+    from transformers.utils import logging as hf_logging
+
+    from bench.common import data_config
+    from lmtune.data import load_data
+    from lmtune.models import resolve, set_pad_token
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(spec["seed"])
+    bundle = load_data(data_config(spec["data"], spec["rows"], spec.get("val_rows")))
+    path = resolve("smollm2-135m-instruct").path
+    tok = AutoTokenizer.from_pretrained(path)
+    set_pad_token(tok)
+    n_labels = len(bundle.label_map.labels)
+
+    def encode(texts, ids):
+        enc = tok(list(texts), truncation=True, max_length=spec["max_length"])
+        return [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": int(ids[i])}
+                for i in range(len(ids))]
+
+    train_ds, val_ds = encode(bundle.train.texts, bundle.train_ids), encode(bundle.val.texts, bundle.val_ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=n_labels, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.use_cache = False
+
+    counts = {"tokens": 0, "padded": 0}
+    base_collator = DataCollatorWithPadding(tok)
+
+    def collator(features):
+        b = base_collator(features)
+        counts["tokens"] += int(b["attention_mask"].sum())
+        counts["padded"] += int(b["input_ids"].numel())
+        return b
+
+    step_times: list[float] = []
+    step_tokens: list[int] = []
+    step_padded: list[int] = []
+    opt_times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            opt = kw.get("optimizer")
+            if opt is not None:
+                _attach_opt_timer(getattr(opt, "optimizer", opt), opt_times)
+            self.t = time.perf_counter()
+            self.c = dict(counts)
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            step_times.append(now - self.t)
+            step_tokens.append(counts["tokens"] - self.c["tokens"])
+            step_padded.append(counts["padded"] - self.c["padded"])
+            self.t, self.c = now, dict(counts)
+
+    def metrics(p):
+        return {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())}
+
+    kw: dict[str, Any] = dict(
+        output_dir=spec["workdir"] + "/trainer", max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
+        learning_rate=spec["lr"], weight_decay=spec["weight_decay"],
+        warmup_steps=int(round(spec["warmup_ratio"] * spec["steps"])), seed=spec["seed"], report_to="none",
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True)
+    if best:
+        kw |= dict(bf16=True, train_sampling_strategy="group_by_length",
+                   per_device_eval_batch_size=spec.get("eval_batch", 32), dataloader_num_workers=0)
+    args = TrainingArguments(**kw)
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=collator,
+                      compute_metrics=metrics, callbacks=[Timer()])
+    t0 = time.time()
+    trainer.train()
+    t_train = time.time() - t0
+    t1 = time.time()
+    ev = trainer.evaluate()
+    eval_s = time.time() - t1
+    out = _step_stats(step_times, step_tokens, step_padded, [], opt_times)
+    n_train = len(train_ds)
+    out |= {"precision": "bf16" if best else "fp32", "val_accuracy": ev["eval_accuracy"], "eval_seconds": eval_s,
+            "train_seconds_all_steps": t_train, "steps_per_epoch": math.ceil(n_train / spec["batch"]),
+            "train_rows": n_train, "val_rows": len(val_ds), "peak_rss_mb": _rss_mb(), "run_wall_s": time.time() - t0,
+            "optim": str(args.optim)}
+    return out
+
+
+def main() -> int:
+    spec = json.loads(sys.argv[1])
+    torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
+    c = spec["contender"]
+    if c == "lmtune":
+        out = run_lmtune(spec)
+    elif c in ("trainer-default", "trainer-best"):
+        out = run_trainer(spec, best=c == "trainer-best")
+    else:
+        raise SystemExit(f"unknown contender {c}")
+    out["contender"] = c
+    out["threads"] = torch.get_num_threads()
+    if spec.get("gemm"):
+        from bench.common import gemm_peak
+        d = out.get("d_model") or 576
+        out["gemm_peak_flops"] = {"bf16_2048": gemm_peak("bf16"), "fp32_2048": gemm_peak("fp32"),
+                                  "bf16_model_shape": gemm_peak("bf16", 2048, d, 1536, seconds=1.0)}
+    with open(spec["result_file"], "w") as f:
+        json.dump(out, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
