@@ -338,7 +338,9 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
                                             "lr": scheduler.get_last_lr()[0], "elapsed_s": round(st["train_seconds"], 3)})
                     bar.set_postfix(loss=f"{st['running_loss'] / st['running_n']:.4f}")
                 epoch_end = st["step_in_epoch"] >= len(step_batches) or st["global_step"] >= total_steps
-                if epoch_end or (tc.eval_every_steps and st["global_step"] % tc.eval_every_steps == 0):
+                # Counted within the epoch, so an interval that does not divide the epoch never puts an extra
+                # evaluation right before the epoch-end one.
+                if epoch_end or (tc.eval_every_steps and st["step_in_epoch"] % tc.eval_every_steps == 0):
                     train_loss = st["running_loss"] / st["running_n"] if st["running_n"] else None
                     st["running_loss"], st["running_n"] = 0.0, 0
                     if epoch_end:

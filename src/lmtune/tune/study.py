@@ -262,7 +262,8 @@ def _apply(base: RunConfig, params: dict[str, Any], trial_dir: Path, evals_per_e
     cfg.train.micro_batch_size = min(cfg.train.micro_batch_size or cfg.train.global_batch_size, cfg.train.global_batch_size)
     cfg.train.__post_init__()
     steps_per_epoch = math.ceil(n_train / cfg.train.global_batch_size)
-    cfg.train.eval_every_steps = max(1, steps_per_epoch // evals_per_epoch) if evals_per_epoch > 1 else None
+    # ceil: exactly evals_per_epoch evaluations per epoch (the last one at the epoch's end).
+    cfg.train.eval_every_steps = max(1, math.ceil(steps_per_epoch / evals_per_epoch)) if evals_per_epoch > 1 else None
     cfg.train.save_checkpoints = False
     cfg.train.progress = False
     cfg.output_dir = str(trial_dir)
