@@ -24,8 +24,11 @@ from lmtune.errors import CheckpointError
 KEEP_LAST = 2
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model: torch.nn.Module, *, copy: bool = False) -> dict[str, torch.Tensor]:
+    """The trainable weights by name. Without ``copy`` the tensors share memory with the model (enough for
+    writing a file; a full fine-tune's copy is another ~0.5 GB per 135M parameters at peak)."""
+    state = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t.clone() for n, t in state.items()} if copy else state
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

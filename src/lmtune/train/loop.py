@@ -271,12 +271,13 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
             st["evals_without_improvement"] = 0
             if main:
                 probs = _softmax(logits)
-                weights = ckpt.trainable_state(accelerator.unwrap_model(model))
+                unwrapped = accelerator.unwrap_model(model)
                 if tc.save_checkpoints:
-                    ckpt.write_folder_atomically(ckpt_root / "best", {"trainable.safetensors": weights},
+                    ckpt.write_folder_atomically(ckpt_root / "best", {"trainable.safetensors": ckpt.trainable_state(unwrapped)},
                                                  {"step": st["global_step"], "metrics": st["best"]})
                 else:  # a search trial: no resume, so the best weights need not survive the process
-                    best_in_memory["weights"] = weights
+                    best_in_memory.pop("weights", None)  # free the previous best before copying the new one
+                    best_in_memory["weights"] = ckpt.trainable_state(unwrapped, copy=True)
                 _write_predictions(out / "val_predictions.jsonl", bundle.val, val_enc.labels, probs, labels)
         else:
             st["evals_without_improvement"] += 1
@@ -437,7 +438,13 @@ def _batch(enc, idx: list[int], pad_id: int, device) -> dict[str, torch.Tensor]:
     from lmtune.data.batching import collate
 
     items = [(enc.input_ids[i], enc.labels[i] if enc.labels is not None else None) for i in idx]
-    return {k: v.to(device) for k, v in collate(items, pad_id).items()}
+    return {k: v.to(device) for k, v in collate(items, pad_id, pad_to_multiple_of=_pad_multiple(device)).items()}
+
+
+def _pad_multiple(device) -> int | None:
+    """Round padded lengths to a multiple of 8 only on GPUs (tensor cores); on CPUs it only adds tokens
+    (~20% more on 12-token SST-2 phrases)."""
+    return 8 if torch.device(device).type == "cuda" else None
 
 
 def _clip(accelerator, model, max_norm: float | None) -> float:
@@ -461,7 +468,7 @@ def predict_logits(model, enc, batch_size: int, pad_id: int, accelerator=None) -
     for idx in batches[rank::world]:
         items = [(enc.input_ids[i], None) for i in idx]
         from lmtune.data.batching import collate
-        b = collate(items, pad_id)
+        b = collate(items, pad_id, pad_to_multiple_of=_pad_multiple(device))
         logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
         mine.append((list(idx), logits.float().cpu().numpy()))
     if world > 1:
