@@ -53,6 +53,28 @@ def data_config(name: str, rows: int | None, val_rows: int | None = None):
                       text_column=d["text"], label_column=d["label"], max_train_rows=rows, max_val_rows=val_rows)
 
 
+def trainer_data(spec: dict[str, Any]) -> tuple[Any, str, Any, int, list[dict], list[dict]]:
+    """The rows lmtune sees, tokenised the way a Trainer user would: (bundle, model path, tokenizer,
+    number of labels, train examples, validation examples). Shared by the throughput and search baselines."""
+    from transformers import AutoTokenizer
+
+    from lmtune.data import load_data
+    from lmtune.models import resolve, set_pad_token
+
+    bundle = load_data(data_config(spec["data"], spec["rows"], spec.get("val_rows")))
+    path = resolve("smollm2-135m-instruct").path
+    tok = AutoTokenizer.from_pretrained(path)
+    set_pad_token(tok)
+
+    def encode(texts, ids):
+        enc = tok(list(texts), truncation=True, max_length=spec["max_length"])
+        return [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": int(ids[i])}
+                for i in range(len(ids))]
+
+    return (bundle, path, tok, len(bundle.label_map.labels), encode(bundle.train.texts, bundle.train_ids),
+            encode(bundle.val.texts, bundle.val_ids))
+
+
 def machine() -> dict[str, Any]:
     import torch
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),

@@ -61,29 +61,16 @@ def _trainer(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import optuna
     import torch
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+    from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer,
                               TrainingArguments)
     from transformers.utils import logging as hf_logging
 
-    from bench.common import data_config
-    from lmtune.data import load_data
-    from lmtune.models import resolve, set_pad_token
+    from bench.common import trainer_data
 
     t_start = time.time()
     hf_logging.set_verbosity_error()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    bundle = load_data(data_config(spec["data"], spec["rows"], spec["val_rows"]))
-    path = resolve("smollm2-135m-instruct").path
-    tok = AutoTokenizer.from_pretrained(path)
-    set_pad_token(tok)
-    n_labels = len(bundle.label_map.labels)
-
-    def encode(texts, ids):
-        enc = tok(list(texts), truncation=True, max_length=spec["max_length"])
-        return [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": int(ids[i])}
-                for i in range(len(ids))]
-
-    train_ds, val_ds = encode(bundle.train.texts, bundle.train_ids), encode(bundle.val.texts, bundle.val_ids)
+    bundle, path, tok, n_labels, train_ds, val_ds = trainer_data(spec)
 
     def model_init(trial=None):
         m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=n_labels, dtype=torch.float32)

@@ -107,7 +107,7 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
     from transformers.utils import logging as hf_logging
 
     from lmtune.data import load_data
-    from lmtune.data.batching import LengthGroupedSampler, collate, encode
+    from lmtune.data.batching import LengthGroupedSampler, encode
     from lmtune.models import cache_root, load_classifier, resolve, to_plain_transformers
 
     t_start = time.time()
