@@ -435,24 +435,24 @@ def _build(
         if all(_label_str(v) is None for v in label_cells if not isinstance(v, (list, dict))):
             label_col, labels, label_cells = None, None, None
 
+    def text_or_skip(col: str, i: int, line: int, reason: str) -> str | None:
+        """The cell's text; None (counted under ``reason``) when it is empty and --empty-text is skip."""
+        value = cell(col, i, _text_str)
+        if value is not None and value.strip():
+            return value
+        if empty_text == "error":
+            raise DataError(f"{path}: {loc} {line}, column '{col}': empty text; fix the row or pass --empty-text skip")
+        skipped[reason] = skipped.get(reason, 0) + 1
+        return None
+
     for i, line in enumerate(raw.line_numbers):
-        t = cell(text_col, i, _text_str)
-        if t is None or not t.strip():
-            if empty_text == "error":
-                raise DataError(
-                    f"{path}: {loc} {line}, column '{text_col}': empty text; fix the row or pass --empty-text skip"
-                )
-            skipped["empty_text"] = skipped.get("empty_text", 0) + 1
+        t = text_or_skip(text_col, i, line, "empty_text")
+        if t is None:
             continue
         tp = None
         if pair_col:
-            tp = cell(pair_col, i, _text_str)
-            if tp is None or not tp.strip():
-                if empty_text == "error":
-                    raise DataError(
-                        f"{path}: {loc} {line}, column '{pair_col}': empty text; fix the row or pass --empty-text skip"
-                    )
-                skipped["empty_text_pair"] = skipped.get("empty_text_pair", 0) + 1
+            tp = text_or_skip(pair_col, i, line, "empty_text_pair")
+            if tp is None:
                 continue
         lab = None
         if label_col:
