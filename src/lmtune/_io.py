@@ -59,12 +59,3 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def safe_child(root: str | os.PathLike, name: str) -> Path:
-    """``root/name``, refusing names that would escape ``root`` (absolute paths, ``..``)."""
-    root_p = Path(root).resolve()
-    child = (root_p / name).resolve()
-    if child != root_p and root_p not in child.parents:
-        raise ValueError(f"path {name!r} escapes {root}")
-    return child
