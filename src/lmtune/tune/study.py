@@ -281,6 +281,8 @@ def tune(run: RunConfig, search: SearchConfig | None = None, tc: TuneConfig | No
 
     search = search or SearchConfig()
     tc = tc or TuneConfig()
+    # lmtune prints one line per trial and a leaderboard; Optuna's own per-trial INFO lines would repeat them.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     url = tc.storage or default_storage(out)
