@@ -454,7 +454,8 @@ def _run_trial(study, trial, space: SearchSpace, run: RunConfig, tc: TuneConfig,
         step = max(1, round(ev.epoch * tc.evals_per_epoch))
         _fault_hook()
         trial.report(ev.metrics[metric], step)
-        if trial.should_prune():
+        # Pruning at the last evaluation saves no compute and would throw away a finished result.
+        if ev.step < ev.total_steps and trial.should_prune():
             raise optuna.TrialPruned(f"{metric} {ev.metrics[metric]:.4f} at epoch {ev.epoch:.2f}")
 
     trial.set_user_attr("model_params_m", _params_m(cfg.model.name))
