@@ -77,7 +77,7 @@ def test_study_report(study_dir: Path):
     assert (study_dir / "best" / "report.html").exists()
     summary = (study_dir / "summary.md").read_text()
     assert summary.startswith("# lmtune study: sst-small")
-    assert "trials: 8 (5 complete, 2 pruned, 1 fail, 0 running)" in summary
+    assert "trials: 8 run (5 complete, 2 pruned, 1 fail, 0 running)" in summary
     assert re.search(r"best: trial #\d+, accuracy 0\.\d{4} with model=", summary)
     assert "confirmed: trial #" in summary and "over 3 seeds" in summary
     assert "dashboard: optuna-dashboard sqlite:///" in summary

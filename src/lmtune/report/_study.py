@@ -156,14 +156,19 @@ def add_study_sections(page: Page, sd: StudyData, best_link: str | None) -> None
         ("study", sd.name),
         ("storage", sd.storage),
         ("objective", f"{'maximise' if sd.maximize else 'minimise'} {sd.metric}"),
-        ("trials", f"{len(sd.trials)}: " + ", ".join(f"{v} {k.lower()}" for k, v in counts.items() if v)),
+        ("trials", f"{len(sd.trials) - counts['WAITING']} run: "
+                   + ", ".join(f"{v} {k.lower()}" for k, v in counts.items() if v and k != "WAITING")
+                   + (f"; {counts['WAITING']} queued, not run" if counts["WAITING"] else "")),
         ("best trial", f"#{best.number}: {sd.metric} {best.value:.4f}" if best else "none complete yet"),
         ("best parameters", ", ".join(f"{k}={fparam(v)}" for k, v in best.params.items()) if best else None),
         ("search space", json.dumps(sd.meta.get("space")) if sd.meta.get("space") else None),
     ])
-    if counts["RUNNING"] or counts["WAITING"]:
+    if counts["RUNNING"]:
         page.note(f"The study is still running ({counts['RUNNING']} trial(s) in progress): this is a snapshot. "
                   "Run `lmtune report` again for the final picture.", "warn")
+    elif counts["WAITING"]:
+        page.note(f"{counts['WAITING']} queued trial(s) were not run (the budget ran out or the search was stopped); "
+                  "rerun the same `lmtune tune` command to run them.", "warn")
     if len(sd.complete) < 2:
         page.note(f"Only {len(sd.complete)} trial(s) completed, so comparisons between settings are not possible yet.", "warn")
     _winner_note(page, sd)
@@ -632,7 +637,9 @@ def _confirmation(page: Page, sd: StudyData) -> None:
 def study_summary(sd: StudyData, html_path: str | None = None) -> str:
     lines = [f"# lmtune study: {sd.name}", ""]
     counts = {s: len(sd.by_state(s)) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
-    lines.append(f"- trials: {len(sd.trials)} ({', '.join(f'{v} {k.lower()}' for k, v in counts.items())})")
+    waiting = len(sd.by_state("WAITING"))
+    lines.append(f"- trials: {sum(counts.values())} run ({', '.join(f'{v} {k.lower()}' for k, v in counts.items())})"
+                 + (f"; {waiting} queued, not run" if waiting else ""))
     best = sd.best
     if best is None:
         lines.append("- best: no complete trial yet")
