@@ -50,16 +50,21 @@ class RunData:
         return self.folder.resolve().name
 
 
+def read_record(path: Path, error: type[Exception], kind: str) -> Any:
+    """The JSON in ``path``; a missing or unreadable file is one ``error`` line naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path.parent}: not {kind} (no {path.name})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+
+
 def load_run(folder: str | Path) -> RunData:
     """Read a run folder; a missing optional file becomes a note on the page, a bad record an error."""
     folder = Path(folder)
     path = folder / RUN_RECORD
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{folder}: not a run folder (no {RUN_RECORD})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    record = read_record(path, DataError, "a run folder")
     if not isinstance(record, dict):
         raise DataError(f"{path}: expected a JSON object")
     run = RunData(folder, record)

@@ -19,7 +19,7 @@ from urllib.parse import unquote
 from lmtune.errors import StudyError
 from lmtune.report._page import (BEST_COLOR, MUTED_COLOR, TRAIN_COLOR, Cell, Page, esc, fcount, fparam, log_ticks, metric_scale,
                                  num_cell, scale_color, style)
-from lmtune.report._run import METRIC_TITLES, RUN_RECORD, RunData, _finite, add_run_sections, load_run
+from lmtune.report._run import METRIC_TITLES, RUN_RECORD, RunData, _finite, add_run_sections, load_run, read_record
 
 STUDY_RECORD = "study.json"
 
@@ -83,12 +83,7 @@ def load_study(folder: str | Path) -> StudyData:
 
     folder = Path(folder)
     path = folder / STUDY_RECORD
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StudyError(f"{folder}: not a study folder (no {STUDY_RECORD})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StudyError(f"{path}: not valid JSON ({e})") from None
+    meta = read_record(path, StudyError, "a study folder")
     if not isinstance(meta, dict) or not meta.get("storage"):
         raise StudyError(f"{path}: no 'storage' URL")
     storage = _storage_url(str(meta["storage"]), folder)
