@@ -93,12 +93,16 @@ def tiny_gpt2(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2"))
 
 
-@pytest.fixture(scope="session")
-def sentiment_files(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("sentiment")
-    return {"train": str(write_sentiment(root / "train.tsv", 160, seed=1)),
+def write_sentiment_splits(root: Path, n_train: int) -> dict[str, str]:
+    """train/val/test TSVs (val and test 40 rows each) with disjoint seeds."""
+    return {"train": str(write_sentiment(root / "train.tsv", n_train, seed=1)),
             "val": str(write_sentiment(root / "val.tsv", 40, seed=2)),
             "test": str(write_sentiment(root / "test.tsv", 40, seed=3))}
+
+
+@pytest.fixture(scope="session")
+def sentiment_files(tmp_path_factory) -> dict[str, str]:
+    return write_sentiment_splits(tmp_path_factory.mktemp("sentiment"), 160)
 
 
 @pytest.fixture(autouse=True)

@@ -13,17 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_sentiment
+from tests.conftest import write_sentiment_splits
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
 def tune_data(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("tune-data")
-    return {"train": str(write_sentiment(root / "train.tsv", 120, seed=1)),
-            "val": str(write_sentiment(root / "val.tsv", 40, seed=2)),
-            "test": str(write_sentiment(root / "test.tsv", 40, seed=3))}
+    return write_sentiment_splits(tmp_path_factory.mktemp("tune-data"), 120)
 
 
 def base_args(data: dict[str, str], model: str, out: Path, *extra: str) -> list[str]:

@@ -29,7 +29,8 @@ from lmtune._io import atomic_write_json, atomic_write_text
 from lmtune.config import RunConfig
 from lmtune.errors import CheckpointError, ConfigError, DivergenceError, LmtuneError
 from lmtune.train import checkpoint as ckpt
-from lmtune.train.metrics import classification_metrics, format_metrics
+from lmtune.data.batching import LengthGroupedSampler, collate
+from lmtune.train.metrics import classification_metrics, format_metrics, softmax
 
 RECORD_FILE = "lmtune_run.json"
 
@@ -107,7 +108,7 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
     from transformers.utils import logging as hf_logging
 
     from lmtune.data import load_data
-    from lmtune.data.batching import LengthGroupedSampler, encode
+    from lmtune.data.batching import encode
     from lmtune.models import cache_root, load_classifier, resolve, to_plain_transformers
 
     t_start = time.time()
@@ -270,7 +271,7 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
             st["best"] = dict(entry) | {"per_class": metrics["per_class"], "confusion_matrix": metrics["confusion_matrix"]}
             st["evals_without_improvement"] = 0
             if main:
-                probs = _softmax(logits)
+                probs = softmax(logits)
                 unwrapped = accelerator.unwrap_model(model)
                 if tc.save_checkpoints:
                     ckpt.write_folder_atomically(ckpt_root / "best", {"trainable.safetensors": ckpt.trainable_state(unwrapped)},
@@ -435,8 +436,6 @@ def _train_step(model, optimizer, accelerator, enc, share, n_step, world, micro,
 
 
 def _batch(enc, idx: list[int], pad_id: int, device) -> dict[str, torch.Tensor]:
-    from lmtune.data.batching import collate
-
     items = [(enc.input_ids[i], enc.labels[i] if enc.labels is not None else None) for i in idx]
     return {k: v.to(device) for k, v in collate(items, pad_id, pad_to_multiple_of=_pad_multiple(device)).items()}
 
@@ -458,8 +457,6 @@ def _clip(accelerator, model, max_norm: float | None) -> float:
 @torch.inference_mode()
 def predict_logits(model, enc, batch_size: int, pad_id: int, accelerator=None) -> np.ndarray:
     """Logits for every row of ``enc`` in its original order; longest batches first, sharded over processes."""
-    from lmtune.data.batching import LengthGroupedSampler
-
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
@@ -467,7 +464,6 @@ def predict_logits(model, enc, batch_size: int, pad_id: int, accelerator=None) -
     mine = []
     for idx in batches[rank::world]:
         items = [(enc.input_ids[i], None) for i in idx]
-        from lmtune.data.batching import collate
         b = collate(items, pad_id, pad_to_multiple_of=_pad_multiple(device))
         logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
         mine.append((list(idx), logits.float().cpu().numpy()))
@@ -481,11 +477,6 @@ def predict_logits(model, enc, batch_size: int, pad_id: int, accelerator=None) -
     for idx, logits in gathered:
         out[idx] = logits
     return out
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    from lmtune.train.metrics import softmax
-    return softmax(logits)
 
 
 def save_model_folder(model, tokenizer, out: Path) -> None:
