@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--max-length", type=int)
     t.add_argument("--val-rows", type=int, help="default: the whole validation file, or 500 rows of a held-out split")
     t.add_argument("--threads", type=int, help="torch threads in every contender (default: torch's default)")
-    t.add_argument("--contenders", default="lmtune,trainer-best,trainer-default")
+    t.add_argument("--contenders", default="lmtune,trainer-best,trainer-default",
+                   help="comma-separated; also lmtune-autocast, lmtune-autocast-sdpa, trainer-best-eager (ablations)")
+    t.add_argument("--name", help="result file name (default: throughput-DATA)")
     m = sub.add_parser("mfu", help="lmtune only: model FLOPs utilisation vs the torch.matmul peak, optimizer share")
     m.add_argument("--data", default="ag_news")
     m.add_argument("--rows", type=int, default=2000)
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import quality, search, throughput
     if ns.cmd == "throughput":
         throughput.run(ns.data, ns.rows, ns.steps, ns.repeats, max_length=ns.max_length, val_rows=ns.val_rows, threads=ns.threads,
-                       contenders=tuple(ns.contenders.split(",")))
+                       contenders=tuple(ns.contenders.split(",")), name=ns.name)
     elif ns.cmd == "mfu":
         throughput.mfu(ns.data, ns.rows, ns.steps, ns.repeats, max_length=ns.max_length, threads=ns.threads)
     elif ns.cmd == "search":

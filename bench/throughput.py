@@ -30,11 +30,11 @@ def _derive(r: dict[str, Any]) -> dict[str, Any]:
     r = dict(r)
     r["train_epoch_seconds"] = r["s_per_step"] * r["steps_per_epoch"]
     r["epoch_seconds"] = r["train_epoch_seconds"] + r["eval_seconds"]
-    if r["contender"] == "lmtune" and r.get("non_embedding_params"):
+    if r["contender"].startswith("lmtune") and r.get("non_embedding_params"):
         r |= _flops(r)
         g = r.get("gemm_peak_flops") or {}
         if g:
-            peak = g["bf16_2048"] if r["precision"] == "bf16" else g["fp32_2048"]
+            peak = g["bf16_2048"] if r["precision"].startswith("bf16") else g["fp32_2048"]
             r["mfu_bf16"] = r["model_flops_per_s"] / peak
             r["hfu_padded"] = r["padded_flops_per_s"] / peak
             r["gemm_bf16_tflops"] = g["bf16_2048"] / 1e12
@@ -57,7 +57,7 @@ def run(data: str, rows: int, steps: int, repeats: int, *, max_length: int | Non
         order = contenders if rep % 2 == 0 else tuple(reversed(contenders))  # alternate who goes first
         for c in order:
             print(f"[throughput {data}] repeat {rep + 1}/{repeats}: {c} ...", flush=True)
-            r = _derive(run_worker(spec | {"contender": c, "gemm": c == "lmtune"}))
+            r = _derive(run_worker(spec | {"contender": c, "gemm": c.startswith("lmtune")}))
             runs[c].append(r)
             print(f"    {fmt(r['s_per_step'])} s/step, {fmt(r['tokens_per_s'], 0)} tok/s, eval {fmt(r['eval_seconds'], 1)} s, "
                   f"acc {fmt(r['val_accuracy'], 4)}, peak RSS {fmt(r['peak_rss_mb'], 0)} MB", flush=True)

@@ -23,10 +23,19 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _attach_opt_timer(opt: torch.optim.Optimizer, times: list[float]) -> None:
+def _attach_opt_timer(opt: torch.optim.Optimizer, times: list[float], per_step: bool = True) -> None:
+    """Time ``opt.step``. ``per_step=False``: add to ``times[-1]`` (lmtune's bf16-master calls step once per
+    chunk of parameters; the caller opens a new entry per optimizer step)."""
     state: dict[str, float] = {}
     opt.register_step_pre_hook(lambda *a: state.__setitem__("t", time.perf_counter()))
-    opt.register_step_post_hook(lambda *a: times.append(time.perf_counter() - state["t"]))
+
+    def post(*a):
+        dt = time.perf_counter() - state["t"]
+        if per_step:
+            times.append(dt)
+        else:
+            times[-1] += dt
+    opt.register_step_post_hook(post)
 
 
 def _step_stats(step_times: list[float], step_tokens: list[int], step_padded: list[int], fwd_bwd: list[float],
@@ -66,6 +75,7 @@ def run_lmtune(spec: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         r = orig_step(model, optimizer, accelerator, enc, share, *a, **k)
         fwd_bwd.append(time.perf_counter() - t0)
+        opt_times.append(0.0)  # this step's optimizer time accumulates here
         lens = [enc.lengths[i] for i in share]
         step_tokens.append(sum(lens))
         step_padded.append(len(lens) * max(lens))
@@ -74,7 +84,7 @@ def run_lmtune(spec: dict[str, Any]) -> dict[str, Any]:
 
     def adamw(groups, lr):
         opt = orig_adamw(groups, lr)
-        _attach_opt_timer(opt, opt_times)
+        _attach_opt_timer(opt, opt_times, per_step=False)
         return opt
 
     loop._train_step, loop._adamw = timed_step, adamw
@@ -85,6 +95,7 @@ def run_lmtune(spec: dict[str, Any]) -> dict[str, Any]:
 
     cfg = lmtune.RunConfig(
         data=data_config(spec["data"], spec["rows"], spec.get("val_rows")),
+        model=lmtune.ModelConfig(attn_implementation=spec.get("attn", "auto")),
         train=lmtune.TrainConfig(learning_rate=spec["lr"], global_batch_size=spec["batch"], max_steps=spec["steps"],
                                  warmup_ratio=spec["warmup_ratio"], weight_decay=spec["weight_decay"],
                                  max_length=spec["max_length"], seed=spec["seed"], precision=spec.get("precision", "auto"),
@@ -132,7 +143,8 @@ def run_trainer(spec: dict[str, Any], best: bool) -> dict[str, Any]:
     bundle, path, tok, n_labels, train_ds, val_ds = trainer_data(spec)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=n_labels, dtype=torch.float32)
+        extra = {"attn_implementation": spec["attn"]} if spec.get("attn") else {}
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=n_labels, dtype=torch.float32, **extra)
     model.config.pad_token_id = tok.pad_token_id
     model.config.use_cache = False
 
@@ -187,23 +199,33 @@ def run_trainer(spec: dict[str, Any], best: bool) -> dict[str, Any]:
     eval_s = time.time() - t1
     out = _step_stats(step_times, step_tokens, step_padded, [], opt_times)
     n_train = len(train_ds)
-    out |= {"precision": "bf16" if best else "fp32", "val_accuracy": ev["eval_accuracy"], "eval_seconds": eval_s,
+    out |= {"precision": "bf16" if best else "fp32", "attn": model.config._attn_implementation, "val_accuracy": ev["eval_accuracy"], "eval_seconds": eval_s,
             "train_seconds_all_steps": t_train, "steps_per_epoch": math.ceil(n_train / spec["batch"]),
             "train_rows": n_train, "val_rows": len(val_ds), "peak_rss_mb": _rss_mb(), "run_wall_s": time.time() - t0,
             "optim": str(args.optim)}
     return out
 
 
+# Contenders: lmtune as shipped, the two Trainer baselines, and ablations (not run by default) that show
+# where lmtune's speed comes from and what a Trainer user gets by picking eager attention by hand.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "lmtune": {},
+    "lmtune-autocast": {"precision": "bf16"},                  # bf16 autocast over fp32 weights, eager attention
+    "lmtune-autocast-sdpa": {"precision": "bf16", "attn": "sdpa"},  # lmtune 0.1's defaults
+    "trainer-best": {},
+    "trainer-default": {},
+    "trainer-best-eager": {"attn": "eager"},
+}
+
+
 def main() -> int:
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     c = spec["contender"]
-    if c == "lmtune":
-        out = run_lmtune(spec)
-    elif c in ("trainer-default", "trainer-best"):
-        out = run_trainer(spec, best=c == "trainer-best")
-    else:
-        raise SystemExit(f"unknown contender {c}")
+    if c not in VARIANTS:
+        raise SystemExit(f"unknown contender {c}; known: {', '.join(VARIANTS)}")
+    spec = spec | VARIANTS[c]
+    out = run_lmtune(spec) if c.startswith("lmtune") else run_trainer(spec, best=c.startswith("trainer-best"))
     out["contender"] = c
     out["threads"] = torch.get_num_threads()
     if spec.get("gemm"):

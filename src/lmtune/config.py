@@ -14,7 +14,7 @@ from typing import Any, Literal
 from lmtune.errors import ConfigError
 
 Method = Literal["full", "lora", "head"]
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "bf16-master", "fp16"]
 Schedule = Literal["linear", "cosine", "constant"]
 Metric = Literal["accuracy", "macro_f1", "val_loss"]
 
@@ -87,6 +87,8 @@ class ModelConfig:
     """Allow a checkpoint to run its own Python code. Off unless you trust its author."""
     cache_dir: str | None = None
     """Where converted checkpoints (e.g. GGUF -> safetensors) are cached; default ~/.cache/lmtune (env LMTUNE_CACHE)."""
+    attn_implementation: str = "auto"
+    """Attention kernel for training: auto (eager on CPUs, whose fused SDPA backward is slow; the model's default on GPUs), eager, sdpa, flash_attention_2, ..."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model", "must name a checkpoint", self.name)
@@ -123,7 +125,7 @@ class TrainConfig:
     seed: int = 0
     """Seed of initialisation, shuffling and dropout."""
     precision: Precision = "auto"
-    """auto: bf16 where the hardware runs it well (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32; or fp32, bf16, fp16."""
+    """bf16: autocast over fp32 weights; bf16-master: a bf16 model with fp32 master weights in the optimizer (one process, --method full; no per-pass weight casts); auto: bf16-master on CPUs with AVX512-BF16/AMX for a one-process full fine-tune, else bf16 where the hardware runs it well (CUDA, those CPUs), else fp32; or fp32, fp16."""
     eval_every_steps: int | None = None
     """Evaluate every N optimizer steps as well as at the end of each epoch (default: each epoch only)."""
     eval_batch_size: int | None = None
@@ -154,7 +156,8 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
         _check(self.max_length >= 8, "max_length", "must be >= 8", self.max_length)
         _check(self.max_grad_norm is None or self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0", self.max_grad_norm)
-        _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "must be auto, fp32, bf16 or fp16", self.precision)
+        _check(self.precision in ("auto", "fp32", "bf16", "bf16-master", "fp16"), "precision",
+               "must be auto, fp32, bf16, bf16-master or fp16", self.precision)
         _check(self.eval_every_steps is None or self.eval_every_steps >= 1, "eval_every_steps", "must be >= 1", self.eval_every_steps)
         _check(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1", self.eval_batch_size)
         _check(self.metric in ("accuracy", "macro_f1", "val_loss"), "metric", "must be accuracy, macro_f1 or val_loss", self.metric)

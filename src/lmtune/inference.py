@@ -40,7 +40,8 @@ def load(model_dir: str, *, precision: str = "auto", max_length: int | None = No
     from transformers.utils import logging as hf_logging
 
     from lmtune.models import load_tokenizer
-    from lmtune.train.loop import RECORD_FILE, resolve_precision
+    from lmtune.train.loop import RECORD_FILE
+    from lmtune.train.precision import resolve_precision
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():

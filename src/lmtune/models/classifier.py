@@ -57,6 +57,18 @@ def set_pad_token(tokenizer: Any) -> None:
     tokenizer.padding_side = "right"
 
 
+def attention_for(requested: str) -> str | None:
+    """The attention kernel to load with (None: the model's default).
+
+    ``auto`` takes eager attention on CPUs: PyTorch's fused CPU SDPA kernel is fine forward but slow
+    backward; on SmolLM2-135M, batch 16, its backward took 0.48 s at 12 tokens (eager 0.31 s) and 2.35 s
+    at 128 tokens (eager 1.65 s), with the same forward time (measured here, torch 2.13, 2 cores).
+    """
+    if requested != "auto":
+        return requested
+    return None if torch.cuda.is_available() else "eager"
+
+
 def load_classifier(
     cfg: ModelConfig,
     labels: list[str],
@@ -66,7 +78,7 @@ def load_classifier(
 ) -> LoadedModel:
     """Load ``cfg.name`` as ``AutoModelForSequenceClassification`` with ``len(labels)`` outputs.
 
-    Weights are kept in fp32 (master weights); lower precision is applied by autocast in the loop.
+    Weights load in fp32; the loop applies the precision (autocast, or a bf16 copy with fp32 masters).
     """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -88,6 +100,7 @@ def load_classifier(
                 dtype=torch.float32,
                 trust_remote_code=cfg.trust_remote_code,
                 ignore_mismatched_sizes=True,
+                **({"attn_implementation": attn} if (attn := attention_for(cfg.attn_implementation)) else {}),
             )
     except ValueError as e:
         if "Unrecognized configuration class" in str(e) or "does not support" in str(e):

@@ -92,12 +92,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict[str, Any]) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
+                    state: dict[str, Any]) -> Path:
+    """``trainable``: the trained weights by name at full precision (see :func:`trainable_state`)."""
     target = ckpt_root / f"step-{step:07d}"
     write_folder_atomically(
         target,
         {
-            "trainable.safetensors": trainable_state(model),
+            "trainable.safetensors": trainable,
             "optimizer.pt": optimizer.state_dict(),
             "scheduler.pt": scheduler.state_dict(),
             "rng.pt": rng_state(),

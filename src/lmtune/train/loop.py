@@ -31,6 +31,7 @@ from lmtune.errors import CheckpointError, ConfigError, DivergenceError, LmtuneE
 from lmtune.train import checkpoint as ckpt
 from lmtune.data.batching import LengthGroupedSampler, collate
 from lmtune.train.metrics import classification_metrics, format_metrics, softmax
+from lmtune.train.precision import MASTER, MasterWeights, resolve_precision
 
 RECORD_FILE = "lmtune_run.json"
 
@@ -66,21 +67,6 @@ class Resources:
 
     tokenized_cache_dir: str | None = None
     data_bundle: Any = None
-
-
-def resolve_precision(precision: str) -> str:
-    """Map --precision to accelerate's ``mixed_precision``. ``auto``: bf16 where it is fast."""
-    if precision == "fp32":
-        return "no"
-    if precision in ("bf16", "fp16"):
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    # On CPUs, bf16 autocast is only faster with native bf16 dot products (AVX512-BF16 or AMX);
-    # elsewhere it is emulated and slower than fp32.
-    cpu = torch.cpu
-    native = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16" if native else "no"
 
 
 def _micro_batches(indices: list[int], micro: int) -> list[list[int]]:
@@ -138,13 +124,19 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
     elif ckpt_root.exists():
         shutil.rmtree(ckpt_root)
 
-    mixed = resolve_precision(tc.precision)
     # accelerate keeps its state per process; a second run in the same process (a search, a notebook,
     # the Python API) may use another precision, so start from a clean state. The process group, if
     # any, lives in PartialState and is kept.
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    n_procs = PartialState(cpu=not torch.cuda.is_available()).num_processes
+    master_ok = cfg.model.method == "full" and n_procs == 1
+    if tc.precision == MASTER and not master_ok:
+        raise ConfigError(f"--precision {MASTER} needs --method full and one process (got --method {cfg.model.method}, "
+                          f"{n_procs} process(es)); use --precision bf16")
+    mixed = resolve_precision(tc.precision, master_ok=master_ok)
+    # bf16-master computes in a bf16 model itself: no autocast on top.
+    accelerator = Accelerator(mixed_precision="no" if mixed == MASTER else mixed, cpu=not torch.cuda.is_available())
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     show = tc.progress and main
     set_seed(tc.seed)
@@ -181,10 +173,11 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
     if tc.max_steps is not None:
         total_steps = min(total_steps, tc.max_steps)
 
+    master = MasterWeights(model) if mixed == MASTER else None  # casts the model to bf16
+    updated = master.by_name() if master else {n: p for n, p in model.named_parameters() if p.requires_grad}
     decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in n.lower() else decay).append(p)
+    for n, p in updated.items():
+        (no_decay if p.ndim < 2 or "norm" in n.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = _adamw(groups, tc.learning_rate)
     scheduler = get_scheduler(tc.lr_schedule, optimizer, num_warmup_steps=int(round(tc.warmup_ratio * total_steps)),
@@ -209,6 +202,8 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
     }
     if resume_from is not None:
         ckpt.load_trainable_state(accelerator.unwrap_model(model), resume_from["trainable.safetensors"], str(resume_from["path"]))
+        if master:  # the fp32 weights of the checkpoint, not their bf16 rounding in the model
+            master.load(resume_from["trainable.safetensors"])
         optimizer.load_state_dict(resume_from["optimizer.pt"])
         scheduler.load_state_dict(resume_from["scheduler.pt"])
         ckpt.set_rng_state(resume_from["rng.pt"])
@@ -247,11 +242,15 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
 
     best_in_memory: dict[str, Any] = {}
 
+    def trainable_now(copy: bool = False) -> dict[str, torch.Tensor]:
+        """The weights being trained, at full precision (the fp32 masters under bf16-master)."""
+        return master.state(copy=copy) if master else ckpt.trainable_state(accelerator.unwrap_model(model), copy=copy)
+
     def save_state() -> None:
         if not tc.save_checkpoints:
             return
         if main:
-            ckpt.save_checkpoint(ckpt_root, st["global_step"], accelerator.unwrap_model(model), optimizer, scheduler, st)
+            ckpt.save_checkpoint(ckpt_root, st["global_step"], trainable_now(), optimizer, scheduler, st)
         accelerator.wait_for_everyone()
 
     def after_eval(metrics: dict[str, Any], train_loss: float | None) -> bool:
@@ -272,13 +271,15 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
             st["evals_without_improvement"] = 0
             if main:
                 probs = softmax(logits)
-                unwrapped = accelerator.unwrap_model(model)
                 if tc.save_checkpoints:
-                    ckpt.write_folder_atomically(ckpt_root / "best", {"trainable.safetensors": ckpt.trainable_state(unwrapped)},
+                    ckpt.write_folder_atomically(ckpt_root / "best", {"trainable.safetensors": trainable_now()},
                                                  {"step": st["global_step"], "metrics": st["best"]})
                 else:  # a search trial: no resume, so the best weights need not survive the process
                     best_in_memory.pop("weights", None)  # free the previous best before copying the new one
-                    best_in_memory["weights"] = ckpt.trainable_state(unwrapped, copy=True)
+                    if st["global_step"] < total_steps:
+                        best_in_memory["weights"] = trainable_now(copy=True)
+                    # else: the last evaluation is the best, and the weights in the model are those weights;
+                    # a copy would only add a full set of weights (~0.5 GB per 135M parameters) to the peak.
                 _write_predictions(out / "val_predictions.jsonl", bundle.val, val_enc.labels, probs, labels)
         else:
             st["evals_without_improvement"] += 1
@@ -318,15 +319,18 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
                 share = [int(i) for i in np.array_split(np.asarray(step_batch), world)[rank]]
                 n_step = len(step_batch)
                 loss_sum, micro = _train_step(model, optimizer, accelerator, train_enc, share, n_step, world,
-                                              micro, pad_id, st, main)
+                                              micro, pad_id, st, main, master)
                 loss_sum = accelerator.reduce(torch.tensor(loss_sum, device=device), "sum").item()
                 step_loss = loss_sum / n_step
-                grad_norm = _clip(accelerator, model, tc.max_grad_norm)
+                grad_norm = master.grad_norm() if master else _clip(accelerator, model, tc.max_grad_norm)
                 if not math.isfinite(step_loss) or not math.isfinite(grad_norm):
                     raise DivergenceError(
                         f"training loss became {step_loss} (gradient norm {grad_norm}) at step {st['global_step'] + 1}; "
                         f"the run was stopped before saving; lower --lr (now {tc.learning_rate:g})")
-                optimizer.step()
+                if master:
+                    master.step(optimizer, grad_norm, tc.max_grad_norm)
+                else:
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 st["global_step"] += 1
@@ -366,6 +370,8 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
     record = None
     if main:
         unwrapped = accelerator.unwrap_model(model)
+        if master:
+            master.restore_fp32(unwrapped)  # the saved folder holds the fp32 weights, as the user's checkpoint did
         if best_in_memory:
             ckpt.load_trainable_state(unwrapped, best_in_memory.pop("weights"), "best weights")
         elif (best_folder / "state.json").is_file():
@@ -400,7 +406,7 @@ def _adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=lr, foreach=True)
 
 
-def _train_step(model, optimizer, accelerator, enc, share, n_step, world, micro, pad_id, st, main):
+def _train_step(model, optimizer, accelerator, enc, share, n_step, world, micro, pad_id, st, main, master=None):
     """Forward/backward over this process's share of one step batch; halves ``micro`` on OOM and retries."""
     while True:
         try:
@@ -418,6 +424,8 @@ def _train_step(model, optimizer, accelerator, enc, share, n_step, world, micro,
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     per_example = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
                     accelerator.backward(per_example * (world / n_step))
+                    if master is not None and not sync:
+                        master.fold()  # sum micro-batch gradients in fp32, not bf16
                     loss_sum += per_example.item()
                     st["train_tokens"] += int(batch["attention_mask"].sum())
                     st["padded_tokens"] += int(batch["input_ids"].numel())
@@ -426,6 +434,8 @@ def _train_step(model, optimizer, accelerator, enc, share, n_step, world, micro,
             if micro <= 1 or world > 1:
                 raise
             optimizer.zero_grad(set_to_none=True)
+            if master is not None:
+                master.zero_grad()
             micro = max(1, micro // 2)
             st["micro_batch_size"] = micro
             st.setdefault("oom_events", []).append({"step": st["global_step"] + 1, "micro_batch_size": micro})
