@@ -210,7 +210,8 @@ def run_trainer(spec: dict[str, Any], best: bool) -> dict[str, Any]:
 # where lmtune's speed comes from and what a Trainer user gets by picking eager attention by hand.
 VARIANTS: dict[str, dict[str, Any]] = {
     "lmtune": {},
-    "lmtune-autocast": {"precision": "bf16"},                  # bf16 autocast over fp32 weights, eager attention
+    "lmtune-autocast": {"precision": "bf16"},                  # bf16 autocast over fp32 weights
+    "lmtune-eager": {"attn": "eager"},                         # transformers' eager attention instead of lmtune_eager
     "lmtune-autocast-sdpa": {"precision": "bf16", "attn": "sdpa"},  # lmtune 0.1's defaults
     "trainer-best": {},
     "trainer-default": {},

@@ -88,7 +88,7 @@ class ModelConfig:
     cache_dir: str | None = None
     """Where converted checkpoints (e.g. GGUF -> safetensors) are cached; default ~/.cache/lmtune (env LMTUNE_CACHE)."""
     attn_implementation: str = "auto"
-    """Attention kernel for training: auto (eager on CPUs, whose fused SDPA backward is slow; the model's default on GPUs), eager, sdpa, flash_attention_2, ..."""
+    """Attention kernel for training: auto (lmtune_eager on CPUs, whose fused SDPA backward is slow: eager attention that keeps less for backward; the model's default on GPUs), eager, sdpa, flash_attention_2, ..."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model", "must name a checkpoint", self.name)

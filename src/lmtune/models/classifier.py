@@ -60,13 +60,19 @@ def set_pad_token(tokenizer: Any) -> None:
 def attention_for(requested: str) -> str | None:
     """The attention kernel to load with (None: the model's default).
 
-    ``auto`` takes eager attention on CPUs: PyTorch's fused CPU SDPA kernel is fine forward but slow
-    backward; on SmolLM2-135M, batch 16, its backward took 0.48 s at 12 tokens (eager 0.31 s) and 2.35 s
-    at 128 tokens (eager 1.65 s), with the same forward time (measured here, torch 2.13, 2 cores).
+    ``auto`` takes lmtune's eager attention on CPUs (:mod:`lmtune.models.attention`): PyTorch's fused CPU
+    SDPA kernel is fine forward but slow backward; on SmolLM2-135M, batch 16, its backward took 0.48 s at 12
+    tokens (eager 0.31 s) and 2.35 s at 128 tokens (eager 1.65 s), with the same forward time (measured
+    here, torch 2.13, 2 cores). ``lmtune_eager`` is eager attention that keeps less for the backward pass.
     """
-    if requested != "auto":
-        return requested
-    return None if torch.cuda.is_available() else "eager"
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return None
+        requested = "lmtune_eager"
+    if requested == "lmtune_eager":
+        from lmtune.models.attention import register
+        return register()
+    return requested
 
 
 def load_classifier(
