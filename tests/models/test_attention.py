@@ -44,11 +44,26 @@ def test_same_outputs_and_gradients_as_eager(dtype, grad_tol):
         assert (ga[n] - gb[n]).abs().max().item() <= grad_tol * scale, n  # bf16: recomputed from bf16 probabilities
 
 
-def test_auto_picks_it_on_cpu_and_saved_models_do_not_need_it(monkeypatch, tmp_path):
-    from transformers import AutoModelForSequenceClassification
+def test_auto_picks_it_on_cpu_for_llama_style_models_only(monkeypatch, tiny_llama, tiny_gpt2):
+    from lmtune.config import ModelConfig
+    from lmtune.errors import ModelError
+    from lmtune.models import load_classifier
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert attention_for("auto") == NAME
+    assert attention_for("auto") == "eager"
+    llama = load_classifier(ModelConfig(name=tiny_llama), ["neg", "pos"]).model
+    assert llama.config._attn_implementation == NAME
+    gpt2 = load_classifier(ModelConfig(name=tiny_gpt2), ["neg", "pos"]).model  # GPT-2 scales attention its own way
+    assert gpt2.config._attn_implementation == "eager"
+    with pytest.raises(ModelError, match="--attn-implementation lmtune_eager"):
+        load_classifier(ModelConfig(name=tiny_gpt2, attn_implementation="lmtune_eager"), ["neg", "pos"])
+    sdpa = load_classifier(ModelConfig(name=tiny_llama, attn_implementation="sdpa"), ["neg", "pos"]).model
+    assert sdpa.config._attn_implementation == "sdpa"
+
+
+def test_saved_models_do_not_need_it(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
     _, ours = _pair(torch.float32)
     ours.save_pretrained(tmp_path)
     assert NAME not in (tmp_path / "config.json").read_text()

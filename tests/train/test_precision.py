@@ -36,7 +36,7 @@ def test_resolve_precision(monkeypatch):
 
 def test_attention_auto_is_eager_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert attention_for("auto") == "lmtune_eager"
+    assert attention_for("auto") == "eager"  # then lmtune_eager for Llama-style models (tests/models/test_attention.py)
     assert attention_for("sdpa") == "sdpa"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert attention_for("auto") is None  # the model's own default on GPUs

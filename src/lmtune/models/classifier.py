@@ -57,22 +57,38 @@ def set_pad_token(tokenizer: Any) -> None:
     tokenizer.padding_side = "right"
 
 
-def attention_for(requested: str) -> str | None:
-    """The attention kernel to load with (None: the model's default).
+# Architectures whose eager attention is exactly Llama's (grouped-query, additive mask, softmax in fp32), so
+# that lmtune_eager computes the same thing. Others (GPT-2's layer-scaled attention, Gemma's soft-capping, ...)
+# train with their own eager attention.
+LMTUNE_EAGER_TYPES = frozenset({"llama", "mistral", "qwen2"})
 
-    ``auto`` takes lmtune's eager attention on CPUs (:mod:`lmtune.models.attention`): PyTorch's fused CPU
-    SDPA kernel is fine forward but slow backward; on SmolLM2-135M, batch 16, its backward took 0.48 s at 12
-    tokens (eager 0.31 s) and 2.35 s at 128 tokens (eager 1.65 s), with the same forward time (measured
-    here, torch 2.13, 2 cores). ``lmtune_eager`` is eager attention that keeps less for the backward pass.
+
+def attention_for(requested: str) -> str | None:
+    """The attention kernel to load with (None: the model's default); see :func:`finish_attention`.
+
+    ``auto`` takes eager attention on CPUs: PyTorch's fused CPU SDPA kernel is fine forward but slow
+    backward; on SmolLM2-135M, batch 16, its backward took 0.48 s at 12 tokens (eager 0.31 s) and 2.35 s
+    at 128 tokens (eager 1.65 s), with the same forward time (measured here, torch 2.13, 2 cores).
     """
     if requested == "auto":
-        if torch.cuda.is_available():
-            return None
-        requested = "lmtune_eager"
-    if requested == "lmtune_eager":
-        from lmtune.models.attention import register
-        return register()
-    return requested
+        return None if torch.cuda.is_available() else "eager"
+    return "eager" if requested == "lmtune_eager" else requested
+
+
+def finish_attention(model: torch.nn.Module, requested: str) -> None:
+    """Switch a Llama-style model loaded with eager attention to ``lmtune_eager`` (same forward, a backward that
+    keeps less: :mod:`lmtune.models.attention`) where ``requested`` is ``lmtune_eager``, or ``auto`` on a CPU."""
+    wants = requested == "lmtune_eager" or (requested == "auto" and not torch.cuda.is_available())
+    if not wants:
+        return
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in LMTUNE_EAGER_TYPES:
+        if requested == "lmtune_eager":
+            raise ModelError(f"--attn-implementation lmtune_eager: supports {', '.join(sorted(LMTUNE_EAGER_TYPES))} "
+                             f"models, not {model_type}; use eager or sdpa")
+        return
+    from lmtune.models.attention import register
+    model.set_attn_implementation(register())
 
 
 def load_classifier(
@@ -123,6 +139,7 @@ def load_classifier(
     finally:
         hf_logging.set_verbosity(verbosity)
 
+    finish_attention(model, cfg.attn_implementation)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
