@@ -76,9 +76,8 @@ def lmtune_eager_attention(module, query, key, value, attention_mask, scaling: f
         from transformers.models.llama.modeling_llama import eager_attention_forward
         return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     n_rep = query.shape[1] // key.shape[1]
+    # register() pairs this function with transformers' eager_mask: an additive float mask, or None.
     mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
-    if mask is not None and mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, torch.finfo(query.dtype).min)
     out = _Attention.apply(query, key, value, mask, float(scaling), n_rep)
     return out.transpose(1, 2).contiguous(), None
 

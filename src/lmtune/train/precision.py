@@ -147,6 +147,8 @@ class MasterWeights:
         fused = any(g.get("fused") for g in inner.param_groups)
         live = [i for i, m in enumerate(self.masters) if m.grad is not None or self.params[i].grad is not None]
         try:
+            if scale is not None and fused:  # the fused kernel divides each gradient by grad_scale as it reads it
+                inner.grad_scale = torch.tensor(scale, dtype=torch.float32)
             for chunk in _chunks(live, self._numels, self.CHUNK_NUMEL):
                 with torch.no_grad():
                     offset = 0
@@ -156,11 +158,8 @@ class MasterWeights:
                             m.grad = self._grad_slot(offset, m).copy_(p.grad)
                             offset += m.numel()
                         p.grad = None
-                    if scale is not None:
-                        if fused:  # the fused kernel divides each gradient by grad_scale as it reads it
-                            inner.grad_scale = torch.tensor(scale, dtype=torch.float32)
-                        else:
-                            torch._foreach_div_([self.masters[i].grad for i in chunk], scale)
+                    if scale is not None and not fused:
+                        torch._foreach_div_([self.masters[i].grad for i in chunk], scale)
                 # AdamW skips parameters without a gradient, so each call updates exactly this chunk.
                 inner.step()
                 with torch.no_grad():
