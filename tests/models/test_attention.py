@@ -57,6 +57,8 @@ def test_auto_picks_it_on_cpu_for_llama_style_models_only(monkeypatch, tiny_llam
     assert gpt2.config._attn_implementation == "eager"
     with pytest.raises(ModelError, match="--attn-implementation lmtune_eager"):
         load_classifier(ModelConfig(name=tiny_gpt2, attn_implementation="lmtune_eager"), ["neg", "pos"])
+    with pytest.raises(ModelError, match="^--attn-implementation bogus: not available"):
+        load_classifier(ModelConfig(name=tiny_llama, attn_implementation="bogus"), ["neg", "pos"])
     sdpa = load_classifier(ModelConfig(name=tiny_llama, attn_implementation="sdpa"), ["neg", "pos"]).model
     assert sdpa.config._attn_implementation == "sdpa"
 

@@ -130,6 +130,9 @@ def load_classifier(
                 f"--model {cfg.name}: this architecture has no sequence-classification head in transformers "
                 f"({_one_line(e)})"
             ) from e
+        if "attn_implementation" in str(e):
+            raise ModelError(f"--attn-implementation {cfg.attn_implementation}: not available for --model {cfg.name} "
+                             f"({_one_line(e)})") from e
         raise ModelError(f"--model {cfg.name}: cannot load ({_one_line(e)})") from e
     except OSError as e:
         raise ModelError(
