@@ -2,7 +2,32 @@
 
 Every problem is a one-line :class:`~lmtune.errors.DataError` that names the file and, where known, the
 line and column, so a user can open the file at the right place. Rows are never dropped silently: a
-skipped row is counted in :attr:`Table.skipped`.
+skipped row is counted in :attr:`Table.skipped`, and a record that spans several physical lines (a
+quoted field holding a line break) is listed in :attr:`Table.multiline`, so rows read can always be
+matched to lines in the file (:func:`multiline_warning` says which differ).
+
+Tab-separated files (``.tsv``/``.tab``, and a ``.csv`` whose header is tab-separated) are not CSV: people
+write them with bare quotes in the text (``5" tall``, ``"Quoted title" is a film``, a text that starts
+with an unbalanced ``"``), and reading those with CSV quoting merges lines or eats quotes. So quotes are
+only special when quoting is clearly used:
+
+* quoting is *clearly used* when every header field is wrapped in double quotes, or some line holds a
+  properly quoted field (``"..."`` at the start of a field, ending before a tab or the end of the line,
+  inner quotes doubled) whose content needed the quoting: it contains a tab or a doubled quote ``""``;
+* otherwise each physical line is one record, split on tabs, with quotes kept verbatim. When that gives
+  rows with the wrong number of fields but a quote-aware parse gives consistent rows (a legitimately
+  quoted line break), the quote-aware parse is used; when neither does, the ragged row is an error;
+* in quote-aware mode a field is quoted only when it starts with ``"`` and its closing quote is followed
+  by a tab, a line break or the end of the file; anything else (``"Quoted title" is ...``, an unclosed
+  quote) is a literal field that ends at the next tab or line break, so it never swallows later lines.
+
+CSV keeps standard quoting. In both, a record that spans several lines is reported (see above) and its
+line number is the physical line where it begins.
+
+Column names are matched case-insensitively, but two columns that differ only in case (``label`` and
+``Label``) are never resolved silently: detection refuses and asks for the exact name. A JSON object
+with the same key twice is refused too (the JSON default keeps the last one without a word); keys of
+nested objects are not checked, as only top-level keys are columns.
 """
 
 from __future__ import annotations
@@ -12,6 +37,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -20,7 +46,7 @@ from typing import Any, Literal
 
 from lmtune.errors import DataError, LabelError
 
-__all__ = ["Table", "read_table", "TEXT_COLUMNS", "PAIR_COLUMNS", "LABEL_COLUMNS", "SUPPORTED_SUFFIXES"]
+__all__ = ["Table", "read_table", "multiline_warning", "TEXT_COLUMNS", "PAIR_COLUMNS", "LABEL_COLUMNS", "SUPPORTED_SUFFIXES"]
 
 # Tried in this order; matched case-insensitively.
 TEXT_COLUMNS = (
@@ -62,12 +88,15 @@ class Table:
     skipped: dict[str, int] = field(default_factory=dict)
     # "line" for text formats (physical line), "row" for Parquet and JSON arrays.
     location: str = "line"
+    # (first, last) physical lines of every record of the file that spans several lines (a quoted field
+    # holding a line break), so rows read can be matched to lines in the file; empty when none does.
+    multiline: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, indices: Sequence[int]) -> Table:
-        """The rows at ``indices`` (in that order); the ``skipped`` counts of the file are kept."""
+        """The rows at ``indices`` (in that order); ``skipped`` and ``multiline`` of the file are kept."""
         idx = list(indices)
         return replace(
             self,
@@ -76,6 +105,7 @@ class Table:
             labels=None if self.labels is None else [self.labels[i] for i in idx],
             line_numbers=[self.line_numbers[i] for i in idx],
             skipped=dict(self.skipped),
+            multiline=list(self.multiline),
         )
 
     def where(self, i: int) -> str:
@@ -91,6 +121,18 @@ class _Raw:
     line_numbers: list[int]
     location: str
     skipped: dict[str, int]
+    multiline: list[tuple[int, int]] = field(default_factory=list)
+
+
+def multiline_warning(table: Table, shown: int = 10) -> str | None:
+    """``'data.tsv: 2 rows span several lines (...): lines 5-9, 14-15'``; None when rows and lines match."""
+    spans = table.multiline
+    if not spans:
+        return None
+    n = len(spans)
+    ranges = ", ".join(f"{a}-{b}" for a, b in spans[:shown]) + (", ..." if n > shown else "")
+    what = "1 row spans" if n == 1 else f"{n} rows span"
+    return f"{table.path}: {what} several lines (a quoted field holds a line break): lines {ranges}"
 
 
 def read_table(
@@ -161,52 +203,182 @@ def _read_utf8(path: str) -> str:
 
 
 def _read_delimited(path: str, text: str, delimiter: str) -> _Raw:
-    # A huge field (a whole document in one cell) must not trip the csv module's 128 KiB default limit.
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise DataError(
+            f"{path}: line {text.count(chr(10), 0, nul) + 1}: contains a NUL character (is the file UTF-16 or "
+            f"binary?); save it as UTF-8 text"
+        )
     first = text.split("\n", 1)[0]
     other = "\t" if delimiter == "," else ","
     if delimiter not in first and other in first:
         delimiter = other  # a .csv that is really tab-separated (or the reverse): follow the header
-    # newline="\n": split physical lines on LF only, so csv sees "\r\n" endings and line numbers match
-    # what an editor shows; quoted fields may span lines and the reader joins them.
-    reader = csv.reader(io.StringIO(text, newline="\n"), delimiter=delimiter, quotechar='"', doublequote=True)
-    try:
-        header = next(reader)
-    except csv.Error as e:
-        raise DataError(f"{path}: line 1: cannot parse the header: {e}") from None
+    if delimiter == "\t":
+        records = _tsv_records(path, text)
+    else:
+        records = _csv_records(path, text)
+    header = records[0][2]
     names = [h.strip() for h in header]
     if not any(names):
         raise DataError(f"{path}: line 1: the header is empty; the first line must name the columns")
     _check_names(path, names)
     cols: list[list[Any]] = [[] for _ in names]
     lines: list[int] = []
+    multiline: list[tuple[int, int]] = []
     skipped: dict[str, int] = {}
-    start = reader.line_num + 1  # physical line where the next record begins
+    for start, end, row in records[1:]:
+        if _is_blank(row, len(names)):
+            # A blank line is not a row; count it so nothing disappears unseen.
+            skipped["blank_line"] = skipped.get("blank_line", 0) + 1
+            continue
+        if len(row) != len(names):
+            raise DataError(_ragged(path, start, row, len(names), delimiter))
+        for c, v in zip(cols, row):
+            c.append(v)
+        lines.append(start)
+        if end > start:
+            multiline.append((start, end))
+    return _Raw(dict(zip(names, cols)), lines, "line", skipped, multiline)
+
+
+# (first line, last line, fields) of one record; the first record is the header.
+_Record = tuple[int, int, list[str]]
+
+
+def _is_blank(row: list[str], width: int) -> bool:
+    # An empty line is [] (as the csv module gives it); a line of spaces is blank unless it is the only column.
+    return not row or (len(row) == 1 and not row[0].strip() and width > 1)
+
+
+def _ragged(path: str, line: int, row: list[str], width: int, delimiter: str) -> str:
+    hint = ""
+    if any("\n" in c for c in row):
+        hint = " (a quoted field runs over several lines: is a closing quote missing?)"
+    elif len(row) > width:
+        hint = f" (quote fields that contain {'a tab' if delimiter == chr(9) else 'a comma'})"
+    return f"{path}: line {line}: expected {width} fields as in the header, found {len(row)}{hint}"
+
+
+def _csv_records(path: str, text: str) -> list[_Record]:
+    # A huge field (a whole document in one cell) must not trip the csv module's 128 KiB default limit.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    # newline="\n": split physical lines on LF only, so csv sees "\r\n" endings and line numbers match
+    # what an editor shows; quoted fields may span lines and the reader joins them.
+    reader = csv.reader(io.StringIO(text, newline="\n"), delimiter=",", quotechar='"', doublequote=True)
+    records: list[_Record] = []
+    start = 1  # physical line where the next record begins
     while True:
         try:
             row = next(reader)
         except StopIteration:
             break
         except csv.Error as e:
-            raise DataError(f"{path}: line {start}: {e}") from None
-        if not row or (len(row) == 1 and not row[0].strip() and len(names) > 1):
-            # A blank line is not a row; count it so nothing disappears unseen.
-            skipped["blank_line"] = skipped.get("blank_line", 0) + 1
-        elif len(row) != len(names):
-            hint = ""
-            if any("\n" in c for c in row):
-                hint = " (a quoted field runs over several lines: is a closing quote missing?)"
-            elif len(row) > len(names):
-                hint = f" (quote fields that contain {'a tab' if delimiter == chr(9) else 'a comma'})"
-            raise DataError(
-                f"{path}: line {start}: expected {len(names)} fields as in the header, found {len(row)}{hint}"
-            )
-        else:
-            for c, v in zip(cols, row):
-                c.append(v)
-            lines.append(start)
+            where = "cannot parse the header: " if not records else ""
+            raise DataError(f"{path}: line {start}: {where}{e}") from None
+        records.append((start, max(start, reader.line_num), row))
         start = reader.line_num + 1
-    return _Raw(dict(zip(names, cols)), lines, "line", skipped)
+    if not records:
+        raise DataError(f"{path}: line 1: the header is empty; the first line must name the columns")
+    return records
+
+
+# A properly quoted TSV field within one line whose quoting was needed (content with a tab or a ""):
+# it opens a field, holds no lone quote and closes before a tab or the end of the line.
+_NEEDED_QUOTES = re.compile(r'(?:^|\t)"((?:[^"\n]|"")*)"(?=\t|\r?$)', re.MULTILINE)
+
+
+def _quoting_clearly_used(text: str) -> bool:
+    header = text.split("\n", 1)[0].removesuffix("\r")
+    if all(len(f) >= 2 and f[0] == f[-1] == '"' for f in header.split("\t")):
+        return True
+    if '"' not in text:
+        return False
+    return any("\t" in m.group(1) or '""' in m.group(1) for m in _NEEDED_QUOTES.finditer(text))
+
+
+def _first_ragged(records: list[_Record]) -> _Record | None:
+    width = len(records[0][2])
+    return next((r for r in records[1:] if len(r[2]) != width and not _is_blank(r[2], width)), None)
+
+
+def _tsv_records(path: str, text: str) -> list[_Record]:
+    """Records of a tab-separated file, quoting only where it is clearly used (see the module docstring)."""
+    if _quoting_clearly_used(text):
+        return _split_tsv_quoted(text)
+    records = _split_tsv_literal(text)
+    if _first_ragged(records) is not None and '"' in text:
+        quoted = _split_tsv_quoted(text)
+        if _first_ragged(quoted) is None:
+            return quoted  # a quoted field holds a line break; multiline_warning names its lines
+    return records  # a ragged row is reported (with its physical line) by the caller
+
+
+def _split_tsv_literal(text: str) -> list[_Record]:
+    lines = text.split("\n")
+    if len(lines) > 1 and lines[-1] == "":
+        lines.pop()  # what follows the final newline is not a line
+    records: list[_Record] = []
+    for i, line in enumerate(lines, start=1):
+        line = line.removesuffix("\r")
+        records.append((i, i, line.split("\t") if line else []))
+    return records
+
+
+def _quoted_field(text: str, pos: int) -> tuple[str, int] | None:
+    """The quoted field opening at ``text[pos] == '"'`` as (content, index after its closing quote).
+
+    None when it is not a quoted field: no lone quote closes it before a tab, a line break or the end.
+    """
+    n = len(text)
+    i = pos + 1
+    while True:
+        q = text.find('"', i)
+        if q < 0:
+            return None
+        if q + 1 < n and text[q + 1] == '"':
+            i = q + 2  # a doubled quote inside the field
+            continue
+        after = q + 1
+        if after == n or text[after] in "\t\n" or text.startswith("\r\n", after):
+            return text[pos + 1 : q].replace('""', '"'), after
+        return None
+
+
+def _split_tsv_quoted(text: str) -> list[_Record]:
+    records: list[_Record] = []
+    n = len(text)
+    pos, line = 0, 1
+    while pos < n:
+        first = line
+        fields: list[str] = []
+        while True:
+            quoted = _quoted_field(text, pos) if text.startswith('"', pos) else None
+            if quoted is not None:
+                value, end = quoted
+                line += text.count("\n", pos, end)
+            else:
+                nl = text.find("\n", pos)
+                if nl < 0:
+                    nl = n
+                tab = text.find("\t", pos, nl)
+                end = nl if tab < 0 else tab
+                value = text[pos:end]
+                if end == nl:
+                    value = value.removesuffix("\r")
+            fields.append(value)
+            if end < n and text[end] == "\t":
+                pos = end + 1
+                continue
+            break
+        if len(fields) == 1 and not fields[0] and quoted is None:
+            fields = []  # an empty line
+        records.append((first, line, fields))
+        # The record ends at a line break ("\n" or "\r\n" after a quoted field) or at the end of the text.
+        if text.startswith("\r\n", end):
+            end += 1
+        pos = end + 1
+        line += 1
+    return records
 
 
 def _rows_to_columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -215,6 +387,31 @@ def _rows_to_columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
         for k in r:
             names.setdefault(k, None)
     return {n: [r.get(n) for r in rows] for n in names}
+
+
+class _RepeatedKey(dict):  # type: ignore[type-arg]
+    """A JSON object that held a key twice (``key``); json keeps the last value without a word."""
+
+    key: str = ""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    out = _RepeatedKey(obj)
+    seen: set[str] = set()
+    for k, _ in pairs:
+        if k in seen:
+            out.key = k
+            break
+        seen.add(k)
+    return out
+
+
+def _check_keys(path: str, where: str, obj: Any) -> None:
+    if isinstance(obj, _RepeatedKey):
+        raise DataError(f"{path}: {where}: key '{obj.key}' appears twice in one object")
 
 
 def _read_jsonl(path: str, text: str) -> _Raw:
@@ -230,12 +427,13 @@ def _read_jsonl(path: str, text: str) -> _Raw:
             skipped["blank_line"] = skipped.get("blank_line", 0) + 1
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_object)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {i}: not valid JSON ({e.msg} at character {e.colno})") from None
         if not isinstance(obj, dict):
             found = type(obj).__name__
             raise DataError(f'{path}: line {i}: expected a JSON object {{"text": ..., "label": ...}}, found {found}')
+        _check_keys(path, f"line {i}", obj)
         rows.append(obj)
         lines.append(i)
     return _Raw(_rows_to_columns(rows), lines, "line", skipped)
@@ -243,7 +441,7 @@ def _read_jsonl(path: str, text: str) -> _Raw:
 
 def _read_json(path: str, text: str) -> _Raw:
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_object)
     except json.JSONDecodeError:
         return _read_jsonl(path, text)  # most ".json" data files are really JSON lines
     if isinstance(obj, dict):
@@ -254,6 +452,7 @@ def _read_json(path: str, text: str) -> _Raw:
     for i, r in enumerate(obj, start=1):
         if not isinstance(r, dict):
             raise DataError(f"{path}: row {i}: expected a JSON object, found {type(r).__name__}")
+        _check_keys(path, f"row {i}", r)
     return _Raw(_rows_to_columns(obj), list(range(1, len(obj) + 1)), "row", {})
 
 
@@ -282,12 +481,23 @@ def _check_names(path: str, names: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------- columns
 
 
+def _names(names: list[str]) -> str:
+    """``'a' and 'b'`` / ``'a', 'b' and 'c'``, for messages."""
+    q = [f"'{n}'" for n in names]
+    return q[0] if len(q) == 1 else ", ".join(q[:-1]) + " and " + q[-1]
+
+
 def _find(path: str, names: list[str], wanted: str, flag: str) -> str:
     if wanted in names:
         return wanted
     folded = [n for n in names if n.lower() == wanted.lower()]
     if len(folded) == 1:
         return folded[0]
+    if folded:
+        raise DataError(
+            f"{path}: '{wanted}' (given by {flag}) matches columns {_names(folded)}, which differ only in case; "
+            f"give the exact name with {flag}"
+        )
     raise DataError(f"{path}: no column '{wanted}' (given by {flag}); columns: {names}")
 
 
@@ -314,34 +524,51 @@ def _resolve_columns(
     require_labels: bool,
 ) -> tuple[str, str | None, str | None]:
     names = list(raw.columns)
-    lower = {n.lower(): n for n in names}
+    folded: dict[str, list[str]] = {}
+    for n in names:
+        folded.setdefault(n.lower(), []).append(n)
+
+    def one(key: str, flag: str, taken: set[str | None] | None = None) -> str | None:
+        """The column named ``key`` in any case (None if absent); two differing only in case are refused."""
+        found = [n for n in folded.get(key, []) if not taken or n not in taken]
+        if len(found) > 1:
+            err = LabelError if flag == "--label-column" else DataError
+            raise err(f"{path}: columns {_names(found)} differ only in case; choose one with {flag}")
+        return found[0] if found else None
+
     text = _find(path, names, text_column, "--text-column") if text_column else None
     pair = _find(path, names, pair_column, "--text-pair-column") if pair_column else None
     label = _find(path, names, label_column, "--label-column") if label_column else None
 
     if text is None:
-        pairs = [(lower[a], lower[b]) for a, b in PAIR_COLUMNS if a in lower and b in lower and lower[b] != pair]
-        if pair is None and len(pairs) > 1:
+        pairs: list[tuple[str, str]] = []
+        if pair is None:
+            for a, b in PAIR_COLUMNS:
+                if a in folded and b in folded:
+                    pa, pb = one(a, "--text-column"), one(b, "--text-pair-column")
+                    assert pa is not None and pb is not None
+                    pairs.append((pa, pb))
+        if len(pairs) > 1:
             raise DataError(
                 f"{path}: several sentence-pair columns {pairs}; choose with --text-column and --text-pair-column"
             )
-        if pair is None and pairs:
+        if pairs:
             text, pair = pairs[0]
         else:
             taken = {pair, label}
-            cands = [lower[c] for c in TEXT_COLUMNS if c in lower and lower[c] not in taken]
+            cands = [c for c in (one(k, "--text-column", taken) for k in TEXT_COLUMNS) if c is not None]
             if len(cands) > 1:
                 raise DataError(f"{path}: several possible text columns {cands}; choose one with --text-column")
             text = cands[0] if cands else None
     elif pair is None:
         # Only a sentence1/premise/question1-like text column implies its partner.
         partner = dict(PAIR_COLUMNS).get(text.lower())
-        if partner and partner in lower:
-            pair = lower[partner]
+        if partner:
+            pair = one(partner, "--text-pair-column")
 
     if label is None:
         taken = {text, pair}
-        cands = [lower[c] for c in LABEL_COLUMNS if c in lower and lower[c] not in taken]
+        cands = [c for c in (one(k, "--label-column", taken) for k in LABEL_COLUMNS) if c is not None]
         cands += [n for n in names if n not in cands and n not in taken and n.lower().endswith(_LABEL_LIKE_SUFFIXES)]
         if len(cands) > 1:
             raise LabelError(f"{path}: several possible label columns {cands}; choose one with --label-column")
@@ -474,7 +701,9 @@ def _build(
 
     if not texts:
         raise DataError(f"{path}: every row was skipped ({_fmt_skipped(skipped)}); nothing left to use")
-    return Table(path, texts, pairs, labels, kept_lines, text_col, pair_col, label_col, skipped, loc)
+    return Table(
+        path, texts, pairs, labels, kept_lines, text_col, pair_col, label_col, skipped, loc, list(raw.multiline)
+    )
 
 
 def _fmt_skipped(skipped: dict[str, int]) -> str:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lmtune.data.labels import LabelMap
-from lmtune.data.reading import Table, read_table
+from lmtune.data.reading import Table, multiline_warning, read_table
 from lmtune.errors import DataError, LabelError
 
 if TYPE_CHECKING:
@@ -169,11 +169,14 @@ def _counts(labels: Sequence[str], label_map: LabelMap) -> dict[str, int]:
 
 
 def _skip_warnings(t: Table) -> list[str]:
-    return [
+    """Rows of ``t``'s file that are not one row per line: skipped ones, and records spanning lines."""
+    warnings = [
         f"{t.path}: skipped {n} {'row' if n == 1 else 'rows'} ({why.replace('_', ' ')})"
         for why, n in sorted(t.skipped.items())
         if n
     ]
+    spans = multiline_warning(t)
+    return warnings + ([spans] if spans else [])
 
 
 def load_data(cfg: DataConfig) -> DataBundle:
