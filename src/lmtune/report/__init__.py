@@ -45,20 +45,24 @@ def write_report(path: str, output: str | None = None) -> str:
         best_link = None
         if sd.best_run is not None:
             # The best trial also gets its own page, linked from the study page (which embeds it too).
+            # load_study only sets best_run_dir to a folder that resolves inside the study folder.
             best_html = sd.best_run_dir / REPORT_NAME
-            _write_run_page(sd.best_run, best_html)
-            best_link = _relative(best_html, out.parent)
+            try:
+                _write_run_page(sd.best_run, best_html)
+                best_link = _relative(best_html, out.parent)
+            except DataError as e:
+                sd.problems.append(f"the best trial's own page was not written ({e})")
         page = Page(f"lmtune study report: {sd.name}",
                     f"{'maximise' if sd.maximize else 'minimise'} {sd.metric} · {len(sd.trials)} trials · {folder.resolve()}")
         add_study_sections(page, sd, best_link)
         footer = ("Explore the study interactively: <code>pip install optuna-dashboard; optuna-dashboard "
                   f"{html.escape(sd.storage)}</code>. Rebuild this page: <code>lmtune report {html.escape(str(folder))}</code>.")
         _write(out, page.render(footer))
-        summary = study_summary(sd, str(out))
+        summary = _summary(study_summary, sd, str(out), f"# lmtune study: {sd.name}")
     elif (folder / RUN_RECORD).exists():
         run = load_run(folder)
         _write_run_page(run, out)
-        summary = run_summary(run, str(out))
+        summary = _summary(run_summary, run, str(out), f"# lmtune run: {run.name}")
     else:
         raise DataError(f"{path}: not a run folder (no {RUN_RECORD}) nor a study folder (no {STUDY_RECORD})")
     _write(out.parent / SUMMARY_NAME, summary)
@@ -76,12 +80,27 @@ def _write_run_page(run, out: Path) -> None:
     _write(out, page.render(f"Rebuild this page: <code>lmtune report {html.escape(str(run.folder))}</code>."))
 
 
+def _summary(fn, data, html_path: str, title: str) -> str:
+    """The markdown summary; a value of an unexpected type in the folder's files shortens it, never a traceback."""
+    try:
+        return fn(data, html_path)
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError, ZeroDivisionError, OverflowError) as e:
+        msg = (str(e).splitlines() or [""])[0][:200]
+        return (f"{title}\n\n- summary incomplete: a value in the folder's files has an unexpected type or shape "
+                f"({type(e).__name__}: {msg})\n- report: {html_path}\n")
+
+
 def _write(path: Path, text: str) -> None:
     """Atomic write, then the usual file mode (the temp file behind an atomic write is private, 0600):
-    reports are meant to be shared and opened by other users."""
+    reports are meant to be shared and opened by other users. A path that cannot be written is one line.
+
+    The write replaces ``path`` itself: a symlink there is replaced, never followed."""
     import os
-    atomic_write_text(path, text)
-    os.chmod(path, 0o644)
+    try:
+        atomic_write_text(path, text)
+        os.chmod(path, 0o644)
+    except OSError as e:
+        raise DataError(f"{path}: cannot write the report ({e.strerror or type(e).__name__})") from None
 
 
 def _output_path(folder: Path, output: str | None) -> Path:

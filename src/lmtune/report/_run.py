@@ -52,44 +52,178 @@ class RunData:
 
 def read_record(path: Path, error: type[Exception], kind: str) -> Any:
     """The JSON in ``path``; a missing or unreadable file is one ``error`` line naming it."""
+    if path.exists() and not path.is_file():  # a folder or a FIFO named like the record: never block on it
+        raise error(f"{path}: not a regular file")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise error(f"{path.parent}: not {kind} (no {path.name})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path}: not valid JSON ({e})") from None
+    except (OSError, ValueError) as e:
+        raise error(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
 
 
-def load_run(folder: str | Path) -> RunData:
-    """Read a run folder; a missing optional file becomes a note on the page, a bad record an error."""
+# ---- untrusted folders ---------------------------------------------------------------------------
+# Everything in a run or study folder is input, possibly written by someone else: a name read from a file
+# must stay inside the folder (resolved: no '..', no absolute path, no symlink out), every file read must be
+# a regular file inside it, and a value of the wrong JSON type becomes a note on the page, never a traceback.
+
+def inside(root: Path, path: Path) -> bool:
+    """Whether ``path`` resolves (symlinks followed) to ``root`` or below it."""
+    try:
+        return Path(path).resolve().is_relative_to(Path(root).resolve())
+    except (OSError, ValueError, RuntimeError):  # a symlink loop, a NUL byte
+        return False
+
+
+def resolve_name(root: Path, name: Any, what: str) -> tuple[Path | None, str | None]:
+    """The path a file names (``what``, e.g. "study.json 'best_dir'"), resolved, if it stays strictly inside ``root``.
+
+    Returns (path, None), or (None, a one-line problem) for a non-string, an absolute path, or a path that
+    leaves ``root`` (by '..' or through a symlink).
+    """
+    shown = repr(name) if len(repr(name)) <= 120 else repr(name)[:117] + "..."
+    if not isinstance(name, str) or not name.strip():
+        return None, f"{what} should be a folder or file name (a string), not {shown}; ignored"
+    try:
+        rel = Path(name)
+        if rel.is_absolute() or rel.drive:
+            return None, f"{what} {shown} is an absolute path; only names inside the folder are followed; ignored"
+        base = Path(root).resolve()
+        target = (base / rel).resolve()
+    except (OSError, ValueError, RuntimeError) as e:
+        return None, f"{what} {shown} cannot be resolved ({type(e).__name__}); ignored"
+    if target == base or not target.is_relative_to(base):
+        return None, f"{what} {shown} points outside the folder {base}; ignored"
+    return target, None
+
+
+def safe_file(root: Path, path: Path, shown: str, problems: list[str]) -> bool:
+    """Whether ``path`` may be read: it exists, is a regular file and resolves inside ``root``.
+    A file that exists but may not be read adds a problem."""
+    try:
+        if not path.exists():
+            return False
+        if not inside(root, path):
+            problems.append(f"{shown} links outside the folder; not read")
+            return False
+        if not path.is_file():
+            problems.append(f"{shown} is not a regular file; not read")
+            return False
+    except OSError as e:
+        problems.append(f"{shown} cannot be read ({type(e).__name__}); skipped")
+        return False
+    return True
+
+
+#: the expected JSON type of each top-level field of lmtune_run.json that the report reads
+_RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "config": dict, "model": dict, "best": dict, "timing": dict, "steps": dict, "data": dict, "label_map": dict,
+    "labels": list, "history": list, "train_log": list, "oom_events": list,
+    "status": str, "precision": str, "finished_at": str,
+}
+_NESTED_TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "config": {"train": dict, "model": dict, "data": dict},
+    "data": {"rows": dict, "rows_read": dict, "truncated": dict, "skipped": dict, "class_counts": dict,
+             "token_lengths": dict, "warnings": list},
+    "best": {"per_class": dict, "confusion_matrix": list},
+}
+_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string"}
+
+
+def _json_type(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def check_record(record: dict[str, Any], file: str, problems: list[str]) -> dict[str, Any]:
+    """Drop fields of the wrong JSON type (noting each, one line) so the page never trips on them."""
+    def check(d: dict[str, Any], types: dict[str, Any], prefix: str) -> None:
+        for key, typ in types.items():
+            if key in d and d[key] is not None and not isinstance(d[key], typ):
+                problems.append(f"{file}: '{prefix}{key}' should be {_TYPE_NAMES.get(typ, typ)}, not {_json_type(d[key])}; ignored")
+                del d[key]
+
+    check(record, _RECORD_TYPES, "")
+    for key, types in _NESTED_TYPES.items():
+        if isinstance(record.get(key), dict):
+            check(record[key], types, f"{key}.")
+    for key in ("history", "train_log"):
+        items = record.get(key)
+        if isinstance(items, list) and not all(isinstance(h, dict) for h in items):
+            problems.append(f"{file}: '{key}' has entries that are not objects; those are ignored")
+            record[key] = [h for h in items if isinstance(h, dict)]
+    return record
+
+
+def guarded(page: Page, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+    """Draw one part of a page; a value of an unexpected type or shape in the files becomes a note, not a traceback."""
+    try:
+        fn(*args, **kwargs)
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError, ZeroDivisionError, OverflowError) as e:
+        msg = (str(e).splitlines() or [""])[0][:200]
+        page.note(f"{what} could not be drawn: a value in the folder's files has an unexpected type or shape "
+                  f"({type(e).__name__}: {msg}).", "warn")
+
+
+def load_run(folder: str | Path, root: str | Path | None = None) -> RunData:
+    """Read a run folder; a missing optional file becomes a note on the page, a bad record an error.
+
+    Files are read only if they resolve inside ``root`` (default: the run folder itself).
+    """
     folder = Path(folder)
+    root = Path(root) if root is not None else folder
     path = folder / RUN_RECORD
+    if path.exists() and not inside(root, path):
+        raise DataError(f"{path}: links outside the folder {Path(root).resolve()}; not read")
     record = read_record(path, DataError, "a run folder")
     if not isinstance(record, dict):
-        raise DataError(f"{path}: expected a JSON object")
+        raise DataError(f"{path}: expected a JSON object, not {_json_type(record)}")
     run = RunData(folder, record)
+    check_record(record, RUN_RECORD, run.problems)
     if not record.get("history"):
-        run.record["history"] = _read_curve(folder / "curve.csv")
+        curve = folder / "curve.csv"
+        run.record["history"] = _read_curve(curve) if safe_file(root, curve, curve.name, run.problems) else []
     pred_path = folder / "val_predictions.jsonl"
-    if pred_path.exists():
-        preds = []
-        for i, line in enumerate(pred_path.read_text(encoding="utf-8").splitlines(), 1):
+    if safe_file(root, pred_path, pred_path.name, run.problems):
+        preds, bad = [], []
+        try:
+            text = pred_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            run.problems.append(f"{pred_path.name} cannot be read ({type(e).__name__}); no examples shown")
+            text = None
+        for i, line in enumerate((text or "").splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                preds.append(json.loads(line))
+                p = json.loads(line)
             except json.JSONDecodeError:
                 run.problems.append(f"{pred_path.name} line {i} is not valid JSON; skipped")
-        run.predictions = preds
+                continue
+            if isinstance(p, dict):
+                preds.append(p)
+            else:
+                bad.append(i)
+        if bad:
+            run.problems.append(f"{pred_path.name}: {len(bad)} line(s) are not JSON objects (first: line {bad[0]}); skipped")
+        run.predictions = preds if text is not None else None
     eval_dir = folder / "eval"
-    if eval_dir.is_dir():
+    if eval_dir.is_dir() and inside(root, eval_dir):
         for p in sorted(eval_dir.glob("*.json")):
+            if not safe_file(root, p, f"eval/{p.name}", run.problems):
+                continue
             try:
                 ev = json.loads(p.read_text(encoding="utf-8"))
-                if isinstance(ev, dict):
-                    run.evals.append((p.stem, ev))
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError):
                 run.problems.append(f"eval/{p.name} is not valid JSON; skipped")
+                continue
+            if isinstance(ev, dict):
+                run.evals.append((p.stem, ev))
+            else:
+                run.problems.append(f"eval/{p.name} should hold a JSON object, not {_json_type(ev)}; skipped")
+    elif eval_dir.is_dir():
+        run.problems.append("eval/ links outside the folder; not read")
     return run
 
 
@@ -97,9 +231,12 @@ def _read_curve(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     out = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            out.append({k: _num(v) for k, v in row.items()})
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                out.append({k: _num(v) for k, v in row.items() if isinstance(k, str) and isinstance(v, (str, type(None)))})
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return out
     return out
 
 
@@ -139,19 +276,35 @@ def add_run_sections(page: Page, run: RunData, level: int = 2) -> None:
         page.note(p, "warn")
 
     page.section("Overview", level)
-    page.facts(_overview_facts(run))
-    _verdict(page, run)
+    guarded(page, "The overview", lambda: page.facts(_overview_facts(run)))
+    guarded(page, "The verdict against the majority-class baseline", _verdict, page, run)
 
     page.section("Did it learn?", level)
-    _loss_chart(page, run)
-    _metric_chart(page, run)
-    _lr_chart(page, run)
+    guarded(page, "The loss chart", _loss_chart, page, run)
+    guarded(page, "The metric chart", _metric_chart, page, run)
+    guarded(page, "The learning-rate chart", _lr_chart, page, run)
 
     page.section("Data", level)
-    _data_section(page, run, sub)
+    guarded(page, "The data section", _data_section, page, run, sub)
 
     page.section("Validation results (best checkpoint)", level)
-    best = rec.get("best") or {}
+    guarded(page, "The validation results", _validation_results, page, run)
+    page.section("Most confidently wrong validation examples", sub)
+    guarded(page, "The table of wrong examples", _wrong_examples, page, run)
+
+    for name, ev in run.evals:
+        source = ev.get("data_file") or name
+        page.section(f"Evaluation: {Path(str(source)).name}", level)
+        guarded(page, f"The evaluation {name}", _evaluation, page, run, ev, source)
+
+    page.section("Configuration and environment", level)
+    page.details("full configuration (config section of lmtune_run.json)", json.dumps(rec.get("config") or {}, indent=2, default=str))
+    page.details("machine and library versions", json.dumps({"machine": rec.get("machine"), "versions": rec.get("versions")},
+                                                            indent=2, default=str))
+
+
+def _validation_results(page: Page, run: RunData) -> None:
+    best = run.record.get("best") or {}
     if best.get("confusion_matrix") and run.labels:
         n = best.get("n")
         _confusion(page, best["confusion_matrix"], run.labels,
@@ -164,25 +317,18 @@ def add_run_sections(page: Page, run: RunData, level: int = 2) -> None:
     if best.get("per_class"):
         _per_class(page, best["per_class"], "validation")
     _confidence_chart(page, run)
-    page.section("Most confidently wrong validation examples", sub)
-    _wrong_examples(page, run)
 
-    for name, ev in run.evals:
-        source = ev.get("data_file") or name
-        page.section(f"Evaluation: {Path(str(source)).name}", level)
-        page.facts([("data file", source), ("rows", ev.get("n")),
-                    ("accuracy", fnum(ev.get("accuracy"))), ("macro-F1", fnum(ev.get("macro_f1"))),
-                    ("loss (cross-entropy, nats)", fnum(ev.get("loss")))])
-        labels = [str(x) for x in ev.get("labels") or run.labels]
-        if ev.get("confusion_matrix") and labels:
-            _confusion(page, ev["confusion_matrix"], labels, f"Confusion matrix on {Path(str(source)).name}"
-                       + (f" ({ev.get('n')} rows)" if ev.get("n") else ""))
-        if ev.get("per_class"):
-            _per_class(page, ev["per_class"], Path(str(source)).name)
 
-    page.section("Configuration and environment", level)
-    page.details("full configuration (config section of lmtune_run.json)", json.dumps(rec.get("config") or {}, indent=2))
-    page.details("machine and library versions", json.dumps({"machine": rec.get("machine"), "versions": rec.get("versions")}, indent=2))
+def _evaluation(page: Page, run: RunData, ev: dict[str, Any], source: Any) -> None:
+    page.facts([("data file", source), ("rows", ev.get("n")),
+                ("accuracy", fnum(ev.get("accuracy"))), ("macro-F1", fnum(ev.get("macro_f1"))),
+                ("loss (cross-entropy, nats)", fnum(ev.get("loss")))])
+    labels = [str(x) for x in ev.get("labels") or run.labels]
+    if ev.get("confusion_matrix") and labels:
+        _confusion(page, ev["confusion_matrix"], labels, f"Confusion matrix on {Path(str(source)).name}"
+                   + (f" ({ev.get('n')} rows)" if ev.get("n") else ""))
+    if ev.get("per_class"):
+        _per_class(page, ev["per_class"], Path(str(source)).name)
 
 
 def _overview_facts(run: RunData) -> list[tuple[str, Any]]:
@@ -603,6 +749,8 @@ def run_summary(run: RunData, html_path: str | None = None) -> str:
     if run.predictions:
         wrong = sum(1 for p in run.predictions if str(p.get("label")) != str(p.get("predicted")))
         lines.append(f"- validation errors: {wrong} of {len(run.predictions)}")
+    for p in run.problems:
+        lines.append(f"- problem: {p}")
     if html_path:
         lines.append(f"- report: {html_path}")
     return "\n".join(lines) + "\n"

@@ -14,12 +14,13 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from lmtune.errors import StudyError
 from lmtune.report._page import (BEST_COLOR, MUTED_COLOR, TRAIN_COLOR, Cell, Page, esc, fcount, fparam, log_ticks, metric_scale,
                                  num_cell, scale_color, style)
-from lmtune.report._run import METRIC_TITLES, RUN_RECORD, RunData, _finite, add_run_sections, load_run, read_record
+from lmtune.report._run import (METRIC_TITLES, RUN_RECORD, RunData, _finite, _json_type, add_run_sections, guarded, inside,
+                                load_run, read_record, resolve_name, safe_file)
 
 STUDY_RECORD = "study.json"
 
@@ -79,59 +80,146 @@ class StudyData:
 
 
 def load_study(folder: str | Path) -> StudyData:
+    """Read a study folder. Every file in it is untrusted input: names read from ``study.json`` are followed
+    only inside the folder, values of the wrong JSON type are errors (one line) or notes, and the study
+    database is opened read-only."""
     import optuna
 
     folder = Path(folder)
     path = folder / STUDY_RECORD
+    if path.exists() and not inside(folder, path):
+        raise StudyError(f"{path}: links outside the folder {folder.resolve()}; not read")
     meta = read_record(path, StudyError, "a study folder")
-    if not isinstance(meta, dict) or not meta.get("storage"):
+    if not isinstance(meta, dict):
+        raise StudyError(f"{path}: expected a JSON object, not {_json_type(meta)}")
+    if not meta.get("storage"):
         raise StudyError(f"{path}: no 'storage' URL")
-    storage = _storage_url(str(meta["storage"]), folder)
+    if not isinstance(meta["storage"], str):
+        raise StudyError(f"{path}: 'storage' should be a URL (a string), not {_json_type(meta['storage'])}")
+    if meta.get("study_name") is not None and not isinstance(meta["study_name"], str):
+        raise StudyError(f"{path}: 'study_name' should be a string, not {_json_type(meta['study_name'])}")
+    problems: list[str] = []
+    for key, ok in (("metric", lambda v: isinstance(v, str)),
+                    ("direction", lambda v: v in ("maximize", "minimize"))):
+        if meta.get(key) is not None and not ok(meta[key]):
+            shown = repr(meta[key]) if len(repr(meta[key])) <= 60 else repr(meta[key])[:57] + "..."
+            problems.append(f"{STUDY_RECORD}: '{key}' {shown} is not valid; ignored")
+            meta.pop(key)
+    storage, opened = _storage_url(meta["storage"], folder)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)] if not meta.get("study_name") else None
+        rdb = _read_only_storage(opened)
+        names = [s.study_name for s in optuna.get_all_study_summaries(rdb)] if not meta.get("study_name") else None
         study_name = meta.get("study_name") or (names[0] if names and len(names) == 1 else None)
-        study = optuna.load_study(study_name=study_name, storage=storage)
+        study = optuna.load_study(study_name=study_name, storage=rdb)
         trials = study.get_trials(deepcopy=False)
     except KeyError:
         raise StudyError(f"{path}: study {meta.get('study_name')!r} not found in {storage}") from None
     except Exception as e:  # sqlalchemy / driver errors: name the storage, one line
-        raise StudyError(f"{path}: cannot read study storage {storage} ({type(e).__name__}: {e})") from None
-    data = StudyData(folder, meta, storage, study, list(trials))
+        msg = (str(e).splitlines() or [""])[0]
+        raise StudyError(f"{path}: cannot read study storage {storage} ({type(e).__name__}: {msg})") from None
+    data = StudyData(folder, meta, storage, study, list(trials), problems=problems)
 
-    confirm_name = meta.get("confirmation") or "confirm.json"
-    confirm_path = folder / confirm_name
-    if confirm_path.exists():
+    # Optional files named in study.json: followed only inside the study folder, read only as regular files.
+    confirm_path, problem = resolve_name(folder, _or(meta.get("confirmation"), "confirm.json"), f"{STUDY_RECORD} 'confirmation'")
+    if problem:
+        data.problems.append(problem + ", so no confirmation is shown")
+    elif safe_file(folder, confirm_path, confirm_path.name, data.problems):
         try:
-            data.confirm = json.loads(confirm_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            data.problems.append(f"{confirm_name} is not valid JSON ({e}); confirmation not shown")
-    best_dir = folder / (meta.get("best_dir") or "best")
-    if (best_dir / RUN_RECORD).exists():
+            raw = json.loads(confirm_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+            data.problems.append(f"{confirm_path.name} is not valid JSON ({e}); confirmation not shown")
+        else:
+            data.confirm = _check_confirm(raw, confirm_path.name, data.problems)
+    best_dir, problem = resolve_name(folder, _or(meta.get("best_dir"), "best"), f"{STUDY_RECORD} 'best_dir'")
+    if problem:
+        data.problems.append(problem + ", so the best trial's run report is not shown")
+    elif (best_dir / RUN_RECORD).exists():
         try:
-            data.best_run = load_run(best_dir)
+            data.best_run = load_run(best_dir, root=folder)
             data.best_run_dir = best_dir
         except Exception as e:
-            data.problems.append(f"best trial's run folder {best_dir} could not be read ({e})")
+            msg = (str(e).splitlines() or [""])[0]
+            data.problems.append(f"best trial's run folder {best_dir} could not be read ({msg})")
     return data
 
 
-def _storage_url(url: str, folder: Path) -> str:
-    """The storage URL; a SQLite file that moved with its folder is found beside study.json.
+def _or(value: Any, default: str) -> Any:
+    """A field left out (null or "") means the default name; any other value is checked as given."""
+    return default if value is None or value == "" else value
 
-    Never lets Optuna create an empty database for a mistyped path: a missing SQLite file is an error.
+
+def _check_confirm(raw: Any, name: str, problems: list[str]) -> dict[str, Any] | None:
+    """confirm.json with its fields of the wrong type dropped (one note for all of them)."""
+    if not isinstance(raw, dict):
+        problems.append(f"{name} should hold a JSON object, not {_json_type(raw)}; confirmation not shown")
+        return None
+    bad: list[str] = []
+    conf = dict(raw)
+    if conf.get("metric") is not None and not isinstance(conf["metric"], str):
+        bad.append("'metric'")
+        conf.pop("metric")
+    if conf.get("seeds") is not None and not isinstance(conf["seeds"], list):
+        bad.append("'seeds'")
+        conf.pop("seeds")
+    results = conf.get("results")
+    if results is not None and not isinstance(results, list):
+        bad.append("'results'")
+        results = []
+    kept = []
+    for r in results or []:
+        if not isinstance(r, dict) or not isinstance(r.get("values"), list) or \
+                (r.get("params") is not None and not isinstance(r["params"], dict)) or \
+                (r.get("trial") is not None and not (isinstance(r["trial"], int) and not isinstance(r["trial"], bool))):
+            bad.append("an entry of 'results'")
+            continue
+        kept.append(r)
+    conf["results"] = kept
+    if bad:
+        problems.append(f"{name}: {', '.join(dict.fromkeys(bad))} of the wrong type; ignored")
+    return conf
+
+
+def _read_only_storage(url: str) -> Any:
+    """Optuna's RDB storage that never creates tables (a report must not write into a database it names)."""
+    import inspect
+
+    import optuna
+
+    kwargs: dict[str, Any] = {}
+    if "skip_table_creation" in inspect.signature(optuna.storages.RDBStorage.__init__).parameters:
+        kwargs["skip_table_creation"] = True
+    return optuna.storages.RDBStorage(url, **kwargs)
+
+
+def _storage_url(url: str, folder: Path) -> tuple[str, str]:
+    """The storage URL to show, and the one to open; a SQLite file that moved with its folder is found beside
+    study.json.
+
+    Never lets Optuna create an empty database for a mistyped path: a missing SQLite file is an error. A
+    SQLite file is opened read-only (``mode=ro``): Optuna would otherwise add its tables to any SQLite file
+    ``storage`` names. Another database URL (a shared PostgreSQL study) is opened as it is, without creating
+    tables.
     """
     if not url.startswith("sqlite:///"):
-        return url
-    db = Path(unquote(url[len("sqlite:///"):].split("?")[0]))
-    if not db.is_absolute():
-        db = (folder / db) if (folder / db).exists() else db
-    if db.exists():
-        return f"sqlite:///{db.resolve()}"
-    local = folder / db.name
-    if local.exists():
-        return f"sqlite:///{local.resolve()}"
-    raise StudyError(f"{folder / STUDY_RECORD}: study database {db} does not exist")
+        return url, url
+    try:
+        db = Path(unquote(url[len("sqlite:///"):].split("?")[0]))
+        if not db.is_absolute():
+            db = (folder / db) if (folder / db).exists() else db
+        if not db.is_file():
+            local = folder / db.name
+            db = local if db.name and local.is_file() and inside(folder, local) else db
+        if not db.is_file():
+            raise StudyError(f"{folder / STUDY_RECORD}: study database {db} does not exist")
+        db = db.resolve()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise StudyError(f"{folder / STUDY_RECORD}: study database in {url!r} cannot be used ({type(e).__name__})") from None
+    from sqlalchemy.engine import URL
+
+    # SQLite's URI form (percent-encoded path), put in SQLAlchemy's URL by SQLAlchemy itself so it round-trips.
+    ro = URL.create("sqlite", database=f"file:{quote(str(db))}", query={"mode": "ro", "uri": "true"})
+    return f"sqlite:///{db}", ro.render_as_string(hide_password=False)
 
 
 # ---- the page ------------------------------------------------------------------------------------
@@ -145,6 +233,33 @@ def add_study_sections(page: Page, sd: StudyData, best_link: str | None) -> None
     for p in sd.problems:
         page.note(p, "warn")
     page.section("Overview")
+    guarded(page, "The overview", _overview, page, sd)
+    guarded(page, "The note on the winner", _winner_note, page, sd)
+
+    page.section("Leaderboard")
+    guarded(page, "The leaderboard", _leaderboard, page, sd)
+    page.section("Optimisation history")
+    guarded(page, "The optimisation history", _history_chart, page, sd)
+    page.section("Learning curves")
+    guarded(page, "The learning curves", _curves_chart, page, sd)
+    page.section("Which settings mattered")
+    guarded(page, "The parameter importances", _importances, page, sd)
+    guarded(page, "The parallel coordinates", _parallel, page, sd)
+    guarded(page, "The learning rate x batch size chart", _lr_batch, page, sd)
+    page.section("Model size, metric and cost")
+    guarded(page, "The cost chart", _cost_chart, page, sd)
+    page.section("Is the winner real? Seed confirmation")
+    guarded(page, "The seed confirmation", _confirmation, page, sd)
+    page.section("Best trial: run report")
+    if sd.best_run is None:
+        page.note("The best trial's run folder (study.json 'best_dir') is not there yet; it is written when the study finishes.")
+    else:
+        if best_link:
+            page.raw(f'<p>Also as its own page: <a href="{esc(best_link)}">{esc(best_link)}</a> (folder {esc(sd.best_run_dir)}).</p>')
+        add_run_sections(page, sd.best_run, level=3)
+
+
+def _overview(page: Page, sd: StudyData) -> None:
     counts = {s: len(sd.by_state(s)) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
     best = sd.best
     page.facts([
@@ -156,7 +271,7 @@ def add_study_sections(page: Page, sd: StudyData, best_link: str | None) -> None
                    + (f"; {counts['WAITING']} queued, not run" if counts["WAITING"] else "")),
         ("best trial", f"#{best.number}: {sd.metric} {best.value:.4f}" if best else "none complete yet"),
         ("best parameters", ", ".join(f"{k}={fparam(v)}" for k, v in best.params.items()) if best else None),
-        ("search space", json.dumps(sd.meta.get("space")) if sd.meta.get("space") else None),
+        ("search space", json.dumps(sd.meta.get("space"), default=str) if sd.meta.get("space") else None),
     ])
     if counts["RUNNING"]:
         page.note(f"The study is still running ({counts['RUNNING']} trial(s) in progress): this is a snapshot. "
@@ -166,29 +281,6 @@ def add_study_sections(page: Page, sd: StudyData, best_link: str | None) -> None
                   "rerun the same `lmtune tune` command to run them.", "warn")
     if len(sd.complete) < 2:
         page.note(f"Only {len(sd.complete)} trial(s) completed, so comparisons between settings are not possible yet.", "warn")
-    _winner_note(page, sd)
-
-    page.section("Leaderboard")
-    _leaderboard(page, sd)
-    page.section("Optimisation history")
-    _history_chart(page, sd)
-    page.section("Learning curves")
-    _curves_chart(page, sd)
-    page.section("Which settings mattered")
-    _importances(page, sd)
-    _parallel(page, sd)
-    _lr_batch(page, sd)
-    page.section("Model size, metric and cost")
-    _cost_chart(page, sd)
-    page.section("Is the winner real? Seed confirmation")
-    _confirmation(page, sd)
-    page.section("Best trial: run report")
-    if sd.best_run is None:
-        page.note("The best trial's run folder (study.json 'best_dir') is not there yet; it is written when the study finishes.")
-    else:
-        if best_link:
-            page.raw(f'<p>Also as its own page: <a href="{esc(best_link)}">{esc(best_link)}</a> (folder {esc(sd.best_run_dir)}).</p>')
-        add_run_sections(page, sd.best_run, level=3)
 
 
 def _winner_note(page: Page, sd: StudyData) -> None:
@@ -241,14 +333,7 @@ def _leaderboard(page: Page, sd: StudyData) -> None:
     best = sd.best
     rows, highlight = [], set()
     for i, t in enumerate(trials):
-        note = ""
-        if t.state.name == "PRUNED":
-            last = _last_intermediate(t)
-            note = f"pruned at step {last[0]} ({sd.metric} {last[1]:.4f})" if last else "pruned"
-        elif t.state.name == "FAIL":
-            note = str(t.user_attrs.get("fail_reason") or "failed")
-        elif t.state.name == "RUNNING":
-            note = "running"
+        note = _trial_note(t, sd.metric)
         rank = Cell(str(i + 1) if t.state.name == "COMPLETE" else "", i + 1 if t.state.name == "COMPLETE" else None, numeric=True)
         row = [rank, num_cell(t.number, 0), t.state.name.lower(), num_cell(t.value if _finite(t.value) else None, 4)]
         for p in params:
@@ -259,16 +344,41 @@ def _leaderboard(page: Page, sd: StudyData) -> None:
         size = t.user_attrs.get("model_params_m")
         row += [num_cell(size, 1, text=(f"{size:.3g}" if size < 100 else f"{size:.1f}") if _finite(size) else ""), num_cell(secs, 1, text=f"{secs:.1f}" if secs is not None else ""),
                 num_cell(t.user_attrs.get("epochs_done"), 2), num_cell(t.user_attrs.get("micro_batch_size_used"), 0),
-                Cell(esc(note), css="wrap")]
+                num_cell(t.user_attrs.get("threads"), 0), Cell(esc(note), css="wrap")]
         if best is not None and t.number == best.number:
             highlight.add(i)
         rows.append(row)
     cols = ["rank", "trial", "state", sd.metric] + params + \
-           ["params (M)", "time (s)", "epochs run", "micro-batch", "note"]
+           ["params (M)", "time (s)", "epochs run", "micro-batch", "threads", "note"]
     page.table(cols, rows, highlight=highlight, drop_empty=True,
                caption="Click a header to sort. The highlighted row is the best complete trial. "
                        f"{sd.metric} ({'higher' if sd.maximize else 'lower'} is better) is the trial's best evaluation; "
-                       "time is the trial's wall-clock time.")
+                       "time is the trial's wall-clock time; threads are the math threads its worker used; "
+                       "the note gives the reason of every pruned or failed trial.")
+
+
+def _reason(v: Any) -> str:
+    """A recorded reason as one line of at most 300 characters."""
+    text = " ".join(str(v).split()) if v is not None else ""
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _trial_note(t: Any, metric: str) -> str:
+    """Why a trial is not COMPLETE: where and why it was pruned (a diverged trial says so), why it failed."""
+    state = t.state.name
+    if state == "PRUNED":
+        last = _last_intermediate(t)
+        note = f"pruned at step {last[0]} ({metric} {last[1]:.4f})" if last else "pruned"
+        # lmtune records 'diverged: ...' as fail_reason on a PRUNED trial; the pruner's reason as prune_reason.
+        reason = _reason(t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason"))
+        return f"{note}: {reason}" if reason else note
+    if state == "FAIL":
+        if t.system_attrs.get("lmtune_surplus"):
+            return "surplus slot, never run"
+        return _reason(t.user_attrs.get("fail_reason")) or "failed (no reason recorded)"
+    if state == "RUNNING":
+        return "running"
+    return ""
 
 
 def _history_chart(page: Page, sd: StudyData) -> None:
@@ -549,7 +659,11 @@ def _cost_chart(page: Page, sd: StudyData) -> None:
         groups.setdefault(group(t), []).append(t)
     fig = go.Figure()
     symbols = ["circle", "square", "diamond", "triangle-up", "star", "hexagon", "cross", "pentagon"]
-    for i, (g, ts) in enumerate(sorted(groups.items(), key=lambda kv: kv[1][0].user_attrs.get("model_params_m") or 0)):
+    def size_key(kv: tuple[str, list[Any]]) -> float:
+        size = kv[1][0].user_attrs.get("model_params_m")
+        return float(size) if _finite(size) else 0.0
+
+    for i, (g, ts) in enumerate(sorted(groups.items(), key=size_key)):
         fig.add_trace(go.Scatter(
             x=[_trial_seconds(t) for t in ts], y=[t.value for t in ts], mode="markers", name=g,
             marker={"size": 12, "symbol": symbols[i % len(symbols)], "line": {"width": 1, "color": "#333"}},
@@ -646,6 +760,8 @@ def study_summary(sd: StudyData, html_path: str | None = None) -> str:
     res = _confirm_results(sd)
     for r in res:
         lines.append(f"- confirmed: trial #{r.get('trial')} {sd.metric} {r['mean']:.4f} ± {r['std']:.4f} over {len(r['values'])} seeds")
+    for p in sd.problems:
+        lines.append(f"- problem: {p}")
     if html_path:
         lines.append(f"- report: {html_path}")
     lines.append(f"- dashboard: optuna-dashboard {sd.storage}")

@@ -274,13 +274,26 @@ def _apply(base: RunConfig, params: dict[str, Any], trial_dir: Path, evals_per_e
 
 
 def tune(run: RunConfig, search: SearchConfig | None = None, tc: TuneConfig | None = None) -> TuneResult:
-    """Search the key parameters with Optuna; keep the best model in ``<output_dir>/best``."""
+    """Search the key parameters with Optuna; keep the best model in ``<output_dir>/best``.
+
+    While it runs, this worker is registered as a live tune worker of this machine and uses its share of the
+    cores for math threads (``tc.threads_per_worker`` overrides, see ``lmtune._threads``); torch's previous
+    thread count is restored when it returns.
+    """
+    from lmtune._threads import TuneWorker
+
+    tc = tc or TuneConfig()
+    with TuneWorker(tc.threads_per_worker) as worker:
+        worker.apply()  # data loading and tokenisation already use the share
+        return _tune(run, search, tc, worker)
+
+
+def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -> TuneResult:
     from lmtune.data import load_data
     from lmtune.models import cache_root, resolve
     from lmtune.train import Interrupted, Resources, train
 
     search = search or SearchConfig()
-    tc = tc or TuneConfig()
     # lmtune prints one line per trial and a leaderboard; Optuna's own per-trial INFO lines would repeat them.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(run.output_dir)
@@ -336,6 +349,8 @@ def tune(run: RunConfig, search: SearchConfig | None = None, tc: TuneConfig | No
     log.info(f"data: {n_train} training rows, {len(bundle.val)} validation rows; metric {run.train.metric}; "
              f"pruner {tc.pruner}; " + (f"{tc.n_trials} trials" if tc.n_trials else "no trial limit")
              + (f"; budget {tc.budget}" if tc.budget else ""))
+    threads = worker.apply()
+    log.info(threads.describe())
 
     resources = Resources(tokenized_cache_dir=str(cache_root(run.model.cache_dir) / "tokenized"), data_bundle=bundle)
     trial_seconds: list[float] = [t.user_attrs["seconds"] for t in study.get_trials(deepcopy=False, states=FINISHED)
@@ -375,6 +390,11 @@ def tune(run: RunConfig, search: SearchConfig | None = None, tc: TuneConfig | No
                 continue
             current[:] = [trial]
             study._storage.set_trial_system_attr(trial_id, "lmtune_worker", {"host": socket.gethostname(), "pid": os.getpid()})
+            now = worker.apply()  # workers come and go: recheck the share before each trial
+            if now != threads:
+                log.info(f"trial {trial.number}: {now.describe()}")
+                threads = now
+            trial.set_user_attr("threads", now.threads)
             t0 = time.time()
             with _Heartbeat(study._storage, trial_id, tc.heartbeat_interval):
                 state = _run_trial(study, trial, space, run, tc, out, n_train, resources, train)
@@ -399,7 +419,7 @@ def tune(run: RunConfig, search: SearchConfig | None = None, tc: TuneConfig | No
 
     result = summarize(study, out, run.train.metric)
     if tc.confirm_seeds and result.best_trial is not None and tc.n_trials is not None and _is_leader(study):
-        result.confirmation = confirm(study, space, run, tc, out, n_train, resources, train)
+        result.confirmation = confirm(study, space, run, tc, out, n_train, resources, train, worker=worker)
     _write_outputs(study, out, run.train.metric, result)
     return result
 
@@ -542,8 +562,12 @@ def _is_leader(study) -> bool:
     return optuna.load_study(study_name=study.study_name, storage=study._storage).user_attrs.get("confirmation_owner") == me
 
 
-def confirm(study, space, run: RunConfig, tc: TuneConfig, out: Path, n_train: int, resources, train_fn) -> dict[str, Any]:
-    """Re-run the top trials with extra seeds: is the winner real or noise?"""
+def confirm(study, space, run: RunConfig, tc: TuneConfig, out: Path, n_train: int, resources, train_fn,
+            worker=None) -> dict[str, Any]:
+    """Re-run the top trials with extra seeds: is the winner real or noise?
+
+    ``worker`` (a ``lmtune._threads.TuneWorker``) re-applies this worker's share of the cores before each run.
+    """
     metric = run.train.metric
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     top = sorted(done, key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")[: tc.confirm_top]
@@ -556,6 +580,8 @@ def confirm(study, space, run: RunConfig, tc: TuneConfig, out: Path, n_train: in
             cfg = _apply(run, space.complete(t.params), out / "confirm" / f"trial-{t.number:04d}-seed-{seed}", 1, n_train)
             cfg.train.seed = seed
             cfg.train.eval_every_steps = None
+            if worker is not None:
+                worker.apply()
             try:
                 r = train_fn(cfg, resources=resources, quiet=True)
                 values.append(r.best[metric])
