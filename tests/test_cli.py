@@ -86,6 +86,13 @@ BAD_FLAGS = [
     (["--batch-size", "8", "--micro-batch-size", "16"], "--micro-batch-size"),
     (["--no-such-flag"], "--no-such-flag"),
     (["--warmup-ratio", "1"], "--warmup-ratio"),
+    (["--lr", "-1e-4"], "--lr must be > 0"),  # argparse used to take "-1e-4" for a flag
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--seed", "-1"], "--seed must be between 0"),
+    (["--split-seed", "-3"], "--split-seed must be between 0"),
+    (["--max-length", "100000000"], "--max-length must be between 8"),
+    (["--divergence-factor", "0.5"], "--divergence-factor"),
 ]
 
 
@@ -166,3 +173,166 @@ def test_models_lists_the_offline_alias(capsys):
 def test_python_dash_m_entry_point():
     p = subprocess.run([sys.executable, "-m", "lmtune", "--version"], capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout.startswith("lmtune ")
+
+
+# (YAML, the one-line message it must give): every value checked against its declared type, naming file and key.
+BAD_YAML = [
+    ('model: {trust_remote_code: "false"}', 'model.trust_remote_code must be true or false, got the string "false"'),
+    ('resume: "no"', 'resume must be true or false, got the string "no"'),
+    ("train: {epochs: 1.5}", "train.epochs must be a whole number, got the number 1.5"),
+    ("train: {epochs: true}", "train.epochs must be a whole number, got true"),
+    ("train: {max_length: 64.5}", "train.max_length must be a whole number, got the number 64.5"),
+    ('train: {learning_rate: "fast"}', 'train.learning_rate must be a number, got the string "fast"'),
+    ("model: hello", 'model must be a mapping of keys, got the string "hello"'),
+    ("model: {name: 123}", "model.name must be text, got the number 123"),
+    ("data: {split_seed: -1}", "data.split_seed must be between 0"),
+    ("train: {precision: fp8}", "train.precision must be one of auto, fp32"),
+]
+
+
+@pytest.mark.parametrize("text,needle", BAD_YAML, ids=[c[0] for c in BAD_YAML])
+def test_yaml_values_are_checked_against_their_types(capsys, tmp_path, sentiment_files, text, needle):
+    cfg = write(tmp_path, "cfg.yaml", text + "\n")
+    code, out, err = run(capsys, "train", "--config", cfg, "--data", sentiment_files["train"], "--out", str(tmp_path / "o"))
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"--config {cfg}: {needle}" in lines[0], lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_yaml_number_forms_and_flag_overrides(capsys, tmp_path, sentiment_files):
+    # YAML 1.1 reads 1e-4 as a string; lmtune reads it as the number a user meant.
+    cfg = write(tmp_path, "cfg.yaml", "train: {learning_rate: 1e-4, epochs: 2.0}\n")
+    code, out, _ = run(capsys, "train", "--config", cfg, "--data", sentiment_files["train"], "--print-config")
+    assert code == 0 and yaml.safe_load(out)["train"]["learning_rate"] == 1e-4
+    assert yaml.safe_load(out)["train"]["epochs"] == 2
+    # a bad value given by a flag is named by the flag, even with a config file
+    code, _, err = run(capsys, "train", "--config", cfg, "--data", sentiment_files["train"], "--epochs", "0")
+    assert code == 2 and "--epochs must be >= 1" in err and "--config" not in err
+
+
+def test_trust_remote_code_string_never_runs_checkpoint_code(capsys, tmp_path, tiny_llama, sentiment_files):
+    """The hole itself: a checkpoint whose auto_map names a Python file that writes a marker when imported."""
+    import shutil
+
+    folder, marker = tmp_path / "remote-code", tmp_path / "code-ran"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "custom.CustomConfig", "AutoModelForSequenceClassification": "custom.CustomModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "custom.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaConfig, LlamaForSequenceClassification\n"
+        "class CustomConfig(LlamaConfig):\n    pass\n"
+        "class CustomModel(LlamaForSequenceClassification):\n    config_class = CustomConfig\n")
+    common = ["--model", str(folder), "--data", sentiment_files["train"], "--epochs", "1", "--max-steps", "1",
+              "--no-progress", "--no-report", "--overwrite", "--out", str(tmp_path / "o")]
+    for text in ('model: {trust_remote_code: "false"}', 'model: {trust_remote_code: "no"}', "model: {trust_remote_code: 0}"):
+        cfg = write(tmp_path, "cfg.yaml", text + "\n")
+        code, _, err = run(capsys, "train", "--config", cfg, *common)
+        assert code == 2 and "model.trust_remote_code must be true or false" in err, err
+    code, _, err = run(capsys, "train", *common)  # the default: the checkpoint's code is not run
+    assert code == 0, err
+    assert not marker.exists()
+    run(capsys, "train", "--trust-remote-code", *common)  # asked for with a real boolean: it runs
+    assert marker.exists()
+
+
+def test_tune_yaml_and_flags_are_checked(capsys, tmp_path, sentiment_files):
+    out_dir = tmp_path / "study"
+    code, _, err = run(capsys, "tune", "--data", sentiment_files["train"], "--sampler-seed", "-1", "--out", str(out_dir))
+    assert code == 2 and "--sampler-seed must be between 0" in err
+    assert not out_dir.exists()  # no empty study.db left behind
+    cfg = write(tmp_path, "t.yaml", "tune: {budget: 600, evals_per_epoch: 1.5}\n")
+    code, _, err = run(capsys, "tune", "--config", cfg, "--data", sentiment_files["train"])
+    assert code == 2 and f"--config {cfg}: tune.evals_per_epoch must be a whole number" in err
+    cfg = write(tmp_path, "t2.yaml", "tune: {budget: 600}\nsearch: {learning_rate: 1e-4}\n")
+    code, out, _ = run(capsys, "tune", "--config", cfg, "--data", sentiment_files["train"], "--print-config")
+    assert code == 0 and yaml.safe_load(out)["tune"]["budget"] == "600"
+
+
+def test_unknown_flag_names_the_command_once(capsys, sentiment_files):
+    code, _, err = run(capsys, "train", "--data", sentiment_files["train"], "--no-such-flag")
+    assert code == 2 and err.startswith("lmtune train: error: unrecognized arguments: --no-such-flag")
+    code, _, err = run(capsys, "--no-such-flag")
+    assert code == 2 and err.startswith("lmtune: error:") and "lmtune lmtune" not in err
+
+
+@pytest.mark.parametrize("verb", ["evaluate", "predict"])
+def test_inference_batch_size_must_be_positive(capsys, trained, sentiment_files, verb):
+    extra = ["--data", sentiment_files["test"]] if verb == "evaluate" else [sentiment_files["test"]]
+    code, _, err = run(capsys, verb, trained, *extra, "--batch-size", "0")
+    assert code == 2 and "--batch-size" in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_accepts_the_skip_it_suggests(capsys, trained, tmp_path):
+    p = write(tmp_path, "gaps.tsv", "sentence\tlabel\ngood film\tpos\nbad film\t\nawful film\tneg\n")
+    code, _, err = run(capsys, "evaluate", trained, "--data", p)
+    assert code == 2 and "--missing-label skip" in err
+    code, out, err = run(capsys, "evaluate", trained, "--data", p, "--missing-label", "skip")
+    assert code == 0, err
+    result = json.loads((Path(trained) / "eval" / "gaps.json").read_text())
+    assert result["n"] == 2 and result["skipped"] == {"missing_label": 1}
+
+
+def test_predict_stdin_not_utf8_and_line_numbers(capsys, trained, monkeypatch):
+    import io
+
+    class Stdin(io.StringIO):
+        def __init__(self, data: bytes):
+            super().__init__()
+            self.buffer = io.BytesIO(data)
+
+    monkeypatch.setattr(sys, "stdin", Stdin("a good film\n".encode() + "caf\xe9 film\n".encode("latin-1")))
+    code, _, err = run(capsys, "predict", trained)
+    assert code == 2 and "stdin: line 2: not valid UTF-8" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(sys, "stdin", Stdin(b"\x89PNG\r\n\x1a\n\x00\x00"))
+    code, _, err = run(capsys, "predict", trained)
+    assert code == 2 and "stdin" in err and "Traceback" not in err
+    monkeypatch.setattr(sys, "stdin", Stdin(b"a good film\n\n\nan awful film\n"))
+    code, out, err = run(capsys, "predict", trained)
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    assert code == 0 and [r["line"] for r in rows] == [1, 4]  # the input's own line numbers
+
+
+def test_pickle_only_checkpoint_is_refused(capsys, tmp_path, tiny_llama, sentiment_files):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_llama, folder)
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    code, _, err = run(capsys, "train", "--model", str(folder), "--data", sentiment_files["train"], "--out", str(tmp_path / "o"))
+    assert code == 2 and "pickle weights (pytorch_model.bin)" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("verb", ["train", "tune"])
+def test_out_that_cannot_be_written_fails_before_loading(capsys, tmp_path, tiny_llama, sentiment_files, verb):
+    a_file = write(tmp_path, "taken", "x")
+    for out, needle in [(a_file, "exists and is not a folder"), (a_file + "/sub", "cannot write there")]:
+        code, _, err = run(capsys, verb, "--model", tiny_llama, "--data", sentiment_files["train"], "--out", out,
+                           "--no-progress" if verb == "train" else "--n-trials=1")
+        assert code == 2 and f"--out {out}: {needle}" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_max_length_beyond_the_model_is_refused(capsys, tmp_path, tiny_llama, sentiment_files):
+    code, _, err = run(capsys, "train", "--model", tiny_llama, "--data", sentiment_files["train"], "--max-length", "1024",
+                       "--out", str(tmp_path / "o"), "--no-progress")
+    assert code == 2 and "--max-length 1024 exceeds the 256 positions" in err, err
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_importing_lmtune_changes_no_process_wide_state():
+    code = (
+        "import warnings, logging, torch, optuna, transformers\n"
+        "before = (list(warnings.filters), optuna.logging.get_verbosity(), logging.getLogger().level)\n"
+        "import lmtune, lmtune.cli, lmtune.train, lmtune.tune.study, lmtune.report, lmtune.inference\n"
+        "after = (list(warnings.filters), optuna.logging.get_verbosity(), logging.getLogger().level)\n"
+        "assert before == after, [f for f in after[0] if f not in before[0]] or after[1:]\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]

@@ -13,6 +13,7 @@ import inspect
 import types
 import typing
 from functools import cache
+from collections.abc import Callable
 from typing import Any, Literal, get_args, get_origin
 
 from lmtune.errors import ConfigError
@@ -106,14 +107,37 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _yaml_loader():
+    """PyYAML's safe loader, reading floats the YAML 1.2 way: ``1e-4`` is a number (YAML 1.1 wants ``1.0e-4``
+    and PyYAML returns the string "1e-4", which then fails far from the key that caused it)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    # add_implicit_resolver on a subclass copies the resolver table, so PyYAML's own loader is untouched.
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return Loader
+
+
 def load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=_yaml_loader()) or {}  # noqa: S506 (a SafeLoader subclass)
     except FileNotFoundError:
         raise ConfigError(f"--config: file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path}: is a folder, expected a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid UTF-8 (byte offset {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -121,6 +145,30 @@ def load_yaml(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of sections (data, model, train, ...)")
     return data
+
+
+def _given_in(d: dict[str, Any], key: str) -> bool:
+    node: Any = d
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def build_config(build: Callable[[dict[str, Any]], Any], yaml_values: dict[str, Any], flag_values: dict[str, Any],
+                 config_path: str | None) -> Any:
+    """``build(merge(yaml_values, flag_values))``; an error about a value that came from the YAML file names
+    the file and the key (``--config cfg.yaml: model.trust_remote_code must be true or false, ...``), one
+    about a flag names the flag."""
+    try:
+        return build(merge(yaml_values, flag_values))
+    except ConfigError as e:
+        if config_path and e.key and e.detail and not _given_in(flag_values, e.key) and _given_in(yaml_values, e.key):
+            raise ConfigError(f"--config {config_path}: {e.key} {e.detail}", key=e.key, detail=e.detail) from None
+        raise
+    except TypeError as e:  # a YAML value of a shape no check foresaw
+        raise ConfigError(f"--config {config_path}: {e}" if config_path else f"invalid configuration: {e}") from None
 
 
 def to_yaml(d: dict[str, Any], cls: type | None = None) -> str:

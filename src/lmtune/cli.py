@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Any
 
 from lmtune._console import log, setup_cli_logging
-from lmtune._fields import add_dataclass_flags, load_yaml, merge, nested_overrides, to_yaml
+from lmtune._fields import add_dataclass_flags, build_config, load_yaml, nested_overrides, to_yaml
 from lmtune.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from lmtune.errors import ConfigError, LmtuneError
 
@@ -20,8 +21,25 @@ EXIT_INTERRUPTED = 130
 class _Parser(argparse.ArgumentParser):
     """argparse, but errors are one line naming the flag, and exit code 2 (argparse's own code too)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse takes "-1e-4" for a flag (its number pattern has no exponent), so `--lr -1e-4` was refused
+        # as a missing value instead of reaching the check that names the problem. No lmtune flag looks
+        # like a number, so every number-shaped word is a value.
+        self._negative_number_matcher = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^-(?:inf|nan)$", re.I)
+
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USER_ERROR, f"lmtune {self.prog.split()[-1]}: error: {message}\n")
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -39,10 +57,7 @@ def run_config_from_args(ns: argparse.Namespace) -> RunConfig:
     for key in ("output_dir", "resume", "overwrite", "report"):
         if key in vars(ns):
             over[key] = getattr(ns, key)
-    try:
-        cfg = RunConfig.from_dict(merge(base, over))
-    except TypeError as e:  # a YAML value of the wrong shape
-        raise ConfigError(f"--config {ns.config}: {e}") from None
+    cfg = build_config(RunConfig.from_dict, base, over, getattr(ns, "config", None))
     if not cfg.data.train_file and not getattr(ns, "print_config", False):
         raise ConfigError("--data (--train-file) is required: the labelled training file")
     return cfg
@@ -62,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="FILE", help="Labelled CSV/TSV/JSONL/Parquet file.")
     _add_column_flags(p, labels=True)
     p.add_argument("--output", metavar="JSON", help="Where to write the metrics (default DIR/eval/<file>.json).")
-    p.add_argument("--batch-size", type=int, default=32, help="Examples per forward pass (default 32).")
+    _add_row_policy_flags(p, labels=True)
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="Examples per forward pass (default 32).")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="Inference precision (default auto).")
 
     p = sub.add_parser("predict", help="Label texts from a file or stdin, with probabilities.")
@@ -72,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_column_flags(p, labels=False)
     p.add_argument("--output", "-o", metavar="FILE", help="Write here (.csv or .jsonl); default stdout.")
     p.add_argument("--format", choices=["csv", "jsonl"], help="Output format (default from --output's extension, else jsonl).")
-    p.add_argument("--batch-size", type=int, default=32, help="Examples per forward pass (default 32).")
+    _add_row_policy_flags(p, labels=False)
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="Examples per forward pass (default 32).")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="Inference precision (default auto).")
 
     p = sub.add_parser("models", help="List model aliases and whether each works offline.")
@@ -96,6 +113,17 @@ def _add_column_flags(p: argparse.ArgumentParser, labels: bool) -> None:
     p.add_argument("--text-pair-column", metavar="NAME", help="Second text column for pair tasks.")
     if labels:
         p.add_argument("--label-column", metavar="NAME", help="Label column (default: the one used in training, else detected).")
+
+
+def _add_row_policy_flags(p: argparse.ArgumentParser, labels: bool) -> None:
+    """The training flags for empty cells, with the same names and help (so an error's advice works here too)."""
+    from lmtune._fields import field_docs
+
+    docs = field_docs(DataConfig)
+    p.add_argument("--empty-text", choices=["error", "skip"], default="error", help=docs["empty_text"] + " (default: error)")
+    if labels:
+        p.add_argument("--missing-label", choices=["error", "skip"], default="error",
+                       help=docs["missing_label"] + " (default: error)")
 
 
 def _version() -> str:
@@ -135,7 +163,8 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     from lmtune.inference import evaluate
 
     r = evaluate(ns.model_dir, ns.data, text_column=ns.text_column, text_pair_column=ns.text_pair_column,
-                 label_column=ns.label_column, batch_size=ns.batch_size, precision=ns.precision, output=ns.output)
+                 label_column=ns.label_column, batch_size=ns.batch_size, precision=ns.precision, output=ns.output,
+                 empty_text=ns.empty_text, missing_label=ns.missing_label)
     print(format_evaluation(r))
     print(f"written: {r['output']}")
     return 0
@@ -162,16 +191,14 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     from lmtune.inference import predict
 
     if ns.input == "-":
-        raw = sys.stdin.read().splitlines()
-        texts = [line for line in raw if line.strip()]
-        if len(texts) < len(raw):
-            print(f"note: {len(raw) - len(texts)} empty line(s) on stdin skipped", file=sys.stderr)
-        if not texts:
-            raise DataError("stdin: no text to label (one text per line expected)")
-        rows = predict(ns.model_dir, texts, batch_size=ns.batch_size, precision=ns.precision)
+        table = _stdin_table(sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode())
+        blank = table.skipped.get("blank_line", 0)
+        if blank:
+            print(f"note: {blank} empty line(s) on stdin skipped; output rows keep their input line numbers", file=sys.stderr)
+        rows = predict(ns.model_dir, table, batch_size=ns.batch_size, precision=ns.precision)
     else:
         rows = predict(ns.model_dir, ns.input, text_column=ns.text_column, text_pair_column=ns.text_pair_column,
-                       batch_size=ns.batch_size, precision=ns.precision)
+                       batch_size=ns.batch_size, precision=ns.precision, empty_text=ns.empty_text)
     fmt = ns.format or ("csv" if ns.output and ns.output.lower().endswith((".csv", ".tsv")) else "jsonl")
     text = _format_predictions(rows, fmt)
     if ns.output:
@@ -181,6 +208,32 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _stdin_table(data: bytes):
+    """One text per line of stdin, each row keeping its input line number; blank lines are counted, not rows."""
+    from lmtune.data import Table
+    from lmtune.errors import DataError
+
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"stdin: line {line}: not valid UTF-8 (byte 0x{data[e.start:e.start + 1].hex()}); "
+                        "re-encode the input as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from None
+    texts, lines, blank = [], [], 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        if "\x00" in line:
+            raise DataError(f"stdin: line {number}: holds a NUL byte; expected text, one per line")
+        if line.strip():
+            texts.append(line)
+            lines.append(number)
+        else:
+            blank += 1
+    if not texts:
+        raise DataError("stdin: no text to label (one text per line expected)")
+    return Table(path="stdin", texts=texts, text_pairs=None, labels=None, line_numbers=lines, text_column="text",
+                 text_pair_column=None, label_column=None, skipped={"blank_line": blank} if blank else {})
 
 
 def _format_predictions(rows: list[dict[str, Any]], fmt: str) -> str:
@@ -227,7 +280,10 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
+    if extra:  # name the subcommand whose flags the user got wrong, as argparse does for its other errors
+        sub = _subparsers(parser).get(ns.command or "", parser)
+        sub.error(f"unrecognized arguments: {' '.join(extra)}")
     if not ns.command:
         parser.print_help()
         return EXIT_USER_ERROR
@@ -247,6 +303,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 0
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug, keep its traceback
+            raise
+        # A path the user named cannot be read or written (a folder given for a file, a read-only disk, ...).
+        print(f"lmtune {ns.command}: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 if __name__ == "__main__":

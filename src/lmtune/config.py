@@ -8,8 +8,11 @@ names the flag a user would type, so a bad value fails before any model is loade
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 from lmtune.errors import ConfigError
 
@@ -28,14 +31,94 @@ def _flag(name: str) -> str:
     return _SHORT_FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
-def _check(cond: bool, name: str, msg: str, value: Any) -> None:
+def describe(value: Any) -> str:
+    """A value as a user reads it in an error: ``the string "false"``, ``the number 1.5``, ``true``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'the string "{value}"'
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if value is None:
+        return "nothing (null)"
+    return {"list": "a list", "dict": "a mapping", "tuple": "a list"}.get(type(value).__name__, type(value).__name__)
+
+
+def _fail(obj: Any, name: str, msg: str, value: Any) -> None:
+    detail = f"{msg}, got {describe(value)}"
+    key = f"{obj._section}.{name}" if obj._section else name
+    raise ConfigError(f"{_flag(name)} {detail}", key=key, detail=detail)
+
+
+def _check(obj: Any, cond: bool, name: str, msg: str, value: Any) -> None:
     if not cond:
-        raise ConfigError(f"{_flag(name)} {msg}, got {value!r}")
+        _fail(obj, name, msg, value)
+
+
+_KIND = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+
+
+def _coerce(obj: Any, name: str, tp: Any, value: Any) -> Any:
+    """``value`` checked against the field's declared type ``tp``; ints become floats where a float is declared.
+
+    Wherever a value comes from (a flag, YAML, the Python API), a wrong type is a one-line error naming the
+    field: YAML's ``"false"`` is a non-empty string, and a check like ``if cfg.trust_remote_code`` would take it
+    for true.
+    """
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(get_args(tp)):
+            return None
+        tp = args[0] if len(args) == 1 else tp
+    if get_origin(tp) is Literal:
+        choices = get_args(tp)
+        if not isinstance(value, str) or value not in choices:
+            _fail(obj, name, "must be one of " + ", ".join(map(str, choices)), value)
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(obj, name, "must be true or false", value)
+        return value
+    if tp is int:
+        if isinstance(value, float) and not isinstance(value, bool) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            _fail(obj, name, "must be a whole number", value)
+        return value
+    if tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            _fail(obj, name, "must be a number", value)
+        if not math.isfinite(value):
+            _fail(obj, name, "must be a finite number", value)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(obj, name, "must be text", value)
+        return value
+    return value
+
+
+def _check_types(obj: Any) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, tp):
+                _fail(obj, f.name, f"must be a {tp.__name__} (a mapping of its keys)", value)
+            continue
+        setattr(obj, f.name, _coerce(obj, f.name, tp, value))
+
+
+MAX_SEED = 2**32 - 1  # numpy's seed range
+MAX_LENGTH_LIMIT = 1_048_576
 
 
 @dataclass
 class DataConfig:
     """Where the labelled text is and how to read it."""
+
+    _section: ClassVar[str] = "data"
 
     train_file: str = ""
     """Training data: CSV, TSV, JSONL or Parquet with a header (alias: --data)."""
@@ -61,17 +144,19 @@ class DataConfig:
     """What to do with rows whose label is empty: stop with an error naming the line, or skip and count them."""
 
     def __post_init__(self) -> None:
-        _check(0.0 < self.val_fraction < 1.0, "val_fraction", "must be between 0 and 1 (exclusive)", self.val_fraction)
+        _check_types(self)
+        _check(self, 0.0 < self.val_fraction < 1.0, "val_fraction", "must be between 0 and 1 (exclusive)", self.val_fraction)
         for name in ("max_train_rows", "max_val_rows"):
             value = getattr(self, name)
-            _check(value is None or value >= 2, name, "must be >= 2", value)
-        _check(self.empty_text in ("error", "skip"), "empty_text", "must be 'error' or 'skip'", self.empty_text)
-        _check(self.missing_label in ("error", "skip"), "missing_label", "must be 'error' or 'skip'", self.missing_label)
+            _check(self, value is None or value >= 2, name, "must be >= 2", value)
+        _check(self, 0 <= self.split_seed <= MAX_SEED, "split_seed", f"must be between 0 and {MAX_SEED}", self.split_seed)
 
 
 @dataclass
 class ModelConfig:
     """Which checkpoint to fine-tune and how."""
+
+    _section: ClassVar[str] = "model"
 
     name: str = "smollm2-135m-instruct"
     """An alias (see `lmtune models`), a hub id, a local folder, or a .gguf file (alias: --model)."""
@@ -91,16 +176,18 @@ class ModelConfig:
     """Attention kernel for training: auto (lmtune_eager on CPUs, whose fused SDPA backward is slow: eager attention that keeps less for backward; the model's default on GPUs), eager, sdpa, flash_attention_2, ..."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.name), "model", "must name a checkpoint", self.name)
-        _check(self.method in ("full", "lora", "head"), "method", "must be one of full, lora, head", self.method)
-        _check(self.lora_rank >= 1, "lora_rank", "must be >= 1", self.lora_rank)
-        _check(self.lora_alpha > 0, "lora_alpha", "must be > 0", self.lora_alpha)
-        _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)", self.lora_dropout)
+        _check_types(self)
+        _check(self, bool(self.name), "model", "must name a checkpoint", self.name)
+        _check(self, self.lora_rank >= 1, "lora_rank", "must be >= 1", self.lora_rank)
+        _check(self, self.lora_alpha > 0, "lora_alpha", "must be > 0", self.lora_alpha)
+        _check(self, 0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)", self.lora_dropout)
 
 
 @dataclass
 class TrainConfig:
     """The optimisation: the key parameters and the ones around them."""
+
+    _section: ClassVar[str] = "train"
 
     learning_rate: float = 5e-5
     """Peak learning rate of AdamW (alias: --lr)."""
@@ -124,6 +211,8 @@ class TrainConfig:
     """Clip the gradient norm to this value; 0 or none disables clipping."""
     seed: int = 0
     """Seed of initialisation, shuffling and dropout."""
+    divergence_factor: float | None = 5.0
+    """Stop the run as diverged when the mean training loss of the last 10 steps exceeds this multiple of its starting loss (the first step's loss, at least that of guessing uniformly): a loss that explodes without becoming NaN; 0 or none disables."""
     precision: Precision = "auto"
     """bf16: autocast over fp32 weights; bf16-master: a bf16 model with fp32 master weights in the optimizer (one process, --method full; no per-pass weight casts); auto: bf16-master on CPUs with AVX512-BF16/AMX for a one-process full fine-tune, else bf16 where the hardware runs it well (CUDA, those CPUs), else fp32; or fp32, fp16."""
     eval_every_steps: int | None = None
@@ -146,24 +235,25 @@ class TrainConfig:
     """Show progress bars."""
 
     def __post_init__(self) -> None:
-        _check(self.learning_rate > 0, "learning_rate", "must be > 0", self.learning_rate)
-        _check(self.global_batch_size >= 1, "global_batch_size", "must be >= 1", self.global_batch_size)
-        _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1", self.micro_batch_size)
-        _check(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
-        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1", self.max_steps)
-        _check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)", self.warmup_ratio)
-        _check(self.lr_schedule in ("linear", "cosine", "constant"), "lr_schedule", "must be linear, cosine or constant", self.lr_schedule)
-        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
-        _check(self.max_length >= 8, "max_length", "must be >= 8", self.max_length)
-        _check(self.max_grad_norm is None or self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0", self.max_grad_norm)
-        _check(self.precision in ("auto", "fp32", "bf16", "bf16-master", "fp16"), "precision",
-               "must be auto, fp32, bf16, bf16-master or fp16", self.precision)
-        _check(self.eval_every_steps is None or self.eval_every_steps >= 1, "eval_every_steps", "must be >= 1", self.eval_every_steps)
-        _check(self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1", self.eval_batch_size)
-        _check(self.metric in ("accuracy", "macro_f1", "val_loss"), "metric", "must be accuracy, macro_f1 or val_loss", self.metric)
-        _check(self.early_stopping_patience is None or self.early_stopping_patience >= 1, "early_stopping_patience", "must be >= 1", self.early_stopping_patience)
-        _check(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1, "checkpoint_every_steps", "must be >= 1", self.checkpoint_every_steps)
-        _check(self.log_every_steps >= 1, "log_every_steps", "must be >= 1", self.log_every_steps)
+        _check_types(self)
+        _check(self, self.learning_rate > 0, "learning_rate", "must be > 0", self.learning_rate)
+        _check(self, self.global_batch_size >= 1, "global_batch_size", "must be >= 1", self.global_batch_size)
+        _check(self, self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1", self.micro_batch_size)
+        _check(self, self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
+        _check(self, self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1", self.max_steps)
+        _check(self, 0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)", self.warmup_ratio)
+        _check(self, self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        _check(self, 8 <= self.max_length <= MAX_LENGTH_LIMIT, "max_length", f"must be between 8 and {MAX_LENGTH_LIMIT}",
+               self.max_length)
+        _check(self, 0 <= self.seed <= MAX_SEED, "seed", f"must be between 0 and {MAX_SEED}", self.seed)
+        _check(self, self.max_grad_norm is None or self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0", self.max_grad_norm)
+        _check(self, self.eval_every_steps is None or self.eval_every_steps >= 1, "eval_every_steps", "must be >= 1", self.eval_every_steps)
+        _check(self, self.eval_batch_size is None or self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1", self.eval_batch_size)
+        _check(self, self.early_stopping_patience is None or self.early_stopping_patience >= 1, "early_stopping_patience", "must be >= 1", self.early_stopping_patience)
+        _check(self, self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1, "checkpoint_every_steps", "must be >= 1", self.checkpoint_every_steps)
+        _check(self, self.divergence_factor is None or self.divergence_factor == 0 or self.divergence_factor > 1,
+               "divergence_factor", "must be > 1 (or 0/none to disable)", self.divergence_factor)
+        _check(self, self.log_every_steps >= 1, "log_every_steps", "must be >= 1", self.log_every_steps)
         if self.micro_batch_size is not None and self.micro_batch_size > self.global_batch_size:
             raise ConfigError(
                 f"--micro-batch-size ({self.micro_batch_size}) must not exceed --batch-size ({self.global_batch_size})"
@@ -178,6 +268,8 @@ class TrainConfig:
 class RunConfig:
     """One fine-tuning run: data + model + optimisation + where to write."""
 
+    _section: ClassVar[str] = ""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -190,16 +282,21 @@ class RunConfig:
     report: bool = True
     """Write report.html into the output folder at the end."""
 
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check(self, bool(self.output_dir.strip()), "output_dir", "must name a folder", self.output_dir)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        d = dict(d)
+        """Build from nested plain values (YAML, JSON); every key and value is checked, naming the key."""
+        d = dict(mapping(d, "the configuration"))
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known - {"data", "model", "train"}
+        unknown = set(d) - known
         if unknown:
-            raise ConfigError(f"unknown config keys: {sorted(unknown)}")
+            raise ConfigError(f"unknown config keys: {sorted(unknown)}; known: {sorted(known)}")
         return cls(
             data=_sub(DataConfig, d.pop("data", {}), "data"),
             model=_sub(ModelConfig, d.pop("model", {}), "model"),
@@ -208,8 +305,17 @@ class RunConfig:
         )
 
 
-def _sub(cls: type, d: dict[str, Any] | None, section: str) -> Any:
-    d = dict(d or {})
+def mapping(d: Any, what: str) -> dict[str, Any]:
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} must be a mapping of keys, got {describe(d)}", key=what,
+                          detail=f"must be a mapping of keys, got {describe(d)}")
+    return d
+
+
+def _sub(cls: type, d: Any, section: str) -> Any:
+    d = dict(mapping(d, section))
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
@@ -222,6 +328,8 @@ class SearchConfig:
     """What a search varies. Each field takes a declaration: '1e-5..1e-3:log' (float range, log scale),
     '1..4' (integer range), '8,16,32' (choices) or one value (fixed). Undeclared ones get the default
     rules derived from model size and training rows (docs/tuning.md)."""
+
+    _section: ClassVar[str] = "search"
 
     model: str | None = None
     """Checkpoints to compare (the size dimension), e.g. 'smollm2-135m-instruct,pythia-70m' (default: smollm2-135m-instruct)."""
@@ -254,10 +362,12 @@ class SearchConfig:
 class TuneConfig:
     """How a search runs: trials, time, storage, pruning, confirmation."""
 
+    _section: ClassVar[str] = "tune"
+
     n_trials: int | None = 20
     """Finished trials to run (complete + pruned; failed ones are retried). Shared by all workers of a study; 0 or none: no limit (use --budget)."""
     budget: str | None = None
-    """Wall-clock budget for this worker, e.g. 30m, 2h, 90s; no new trial starts when the rest would not fit."""
+    """Wall-clock budget for this worker, e.g. 30m, 2h, 90s (a bare number is seconds); no new trial starts when the rest would not fit."""
     storage: str | None = None
     """Optuna storage URL; default SQLite in --out (study.db). A PostgreSQL URL lets many workers share one study."""
     study_name: str = "lmtune"
@@ -273,25 +383,40 @@ class TuneConfig:
     confirm_seeds: int = 2
     """Re-run the top trials on this many extra seeds and report mean and standard deviation; 0 disables."""
     confirm_top: int = 3
-    """How many of the best trials to confirm on extra seeds."""
+    """How many of the best trials to confirm on extra seeds (with --budget: as many as fit the time the search leaves)."""
+    default_first: bool = True
+    """Run the documented default configuration (what `lmtune train` does without flags, clipped into the space) as the first trial: the baseline that tuning is measured against."""
+    refit: Literal["auto", "always", "never"] = "auto"
+    """Retrain the winning configuration on all training rows before saving it as best/: auto does so when the search trained on a sample (--max-train-rows); best/ keeps whichever of the two scores better on validation."""
+    refit_rows: int | None = None
+    """Training rows of the refit (stratified sample, seeded); default: all training rows."""
+    reserve_fraction: float = 0.3
+    """With --budget: the largest share of it kept for confirmation and refit after the search; they are sized to fit, never the search to them."""
     heartbeat_interval: int = 10
     """Seconds between a running trial's heartbeats (RDB storages)."""
     grace_period: int = 40
     """A RUNNING trial without a heartbeat for this many seconds is failed and retried."""
+    threads_per_worker: int | None = None
+    """Math threads of this worker; default: this machine's cores shared evenly among the `lmtune tune` workers running on it (rechecked before each trial)."""
     show: bool = False
     """Print the state of the study (running or finished) and exit."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.budget, (int, float)) and not isinstance(self.budget, bool):
+            self.budget = f"{self.budget:g}"  # YAML `budget: 600`: seconds, as `--budget 600` is
+        _check_types(self)
         if self.n_trials == 0:
             self.n_trials = None
-        _check(self.n_trials is None or self.n_trials >= 1, "n_trials", "must be >= 1", self.n_trials)
-        _check(self.sampler in ("tpe", "random"), "sampler", "must be tpe or random", self.sampler)
-        _check(self.pruner in ("median", "hyperband", "asha", "none"), "pruner", "must be median, hyperband, asha or none", self.pruner)
-        _check(self.evals_per_epoch >= 1, "evals_per_epoch", "must be >= 1", self.evals_per_epoch)
-        _check(self.confirm_seeds >= 0, "confirm_seeds", "must be >= 0", self.confirm_seeds)
-        _check(self.confirm_top >= 1, "confirm_top", "must be >= 1", self.confirm_top)
-        _check(self.heartbeat_interval >= 1, "heartbeat_interval", "must be >= 1", self.heartbeat_interval)
-        _check(self.grace_period > self.heartbeat_interval, "grace_period", "must exceed --heartbeat-interval", self.grace_period)
+        _check(self, self.n_trials is None or self.n_trials >= 1, "n_trials", "must be >= 1", self.n_trials)
+        _check(self, 0 <= self.sampler_seed <= MAX_SEED, "sampler_seed", f"must be between 0 and {MAX_SEED}", self.sampler_seed)
+        _check(self, self.evals_per_epoch >= 1, "evals_per_epoch", "must be >= 1", self.evals_per_epoch)
+        _check(self, self.confirm_seeds >= 0, "confirm_seeds", "must be >= 0", self.confirm_seeds)
+        _check(self, self.refit_rows is None or self.refit_rows >= 2, "refit_rows", "must be >= 2", self.refit_rows)
+        _check(self, 0.0 <= self.reserve_fraction < 1.0, "reserve_fraction", "must be in [0, 1)", self.reserve_fraction)
+        _check(self, self.confirm_top >= 1, "confirm_top", "must be >= 1", self.confirm_top)
+        _check(self, self.threads_per_worker is None or self.threads_per_worker >= 1, "threads_per_worker", "must be >= 1", self.threads_per_worker)
+        _check(self, self.heartbeat_interval >= 1, "heartbeat_interval", "must be >= 1", self.heartbeat_interval)
+        _check(self, self.grace_period > self.heartbeat_interval, "grace_period", "must exceed --heartbeat-interval", self.grace_period)
         if self.budget is not None:
             self.budget_seconds  # validates
         if self.n_trials is None and self.budget is None and not self.show:

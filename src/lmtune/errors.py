@@ -12,7 +12,16 @@ class LmtuneError(Exception):
 
 
 class ConfigError(LmtuneError):
-    """A flag or config field has an invalid value. The message names the flag."""
+    """A flag or config field has an invalid value. The message names the flag.
+
+    ``key`` (``"train.learning_rate"``) and ``detail`` (``"must be > 0, got the number -1"``) are set when one
+    field is at fault, so a caller that read the value from a YAML file can name the key instead of the flag.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.key = key
+        self.detail = detail
 
 
 class DataError(LmtuneError):

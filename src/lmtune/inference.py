@@ -50,7 +50,7 @@ def load(model_dir: str, *, precision: str = "auto", max_length: int | None = No
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
     except Exception as e:
         raise ModelError(f"{model_dir}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     model.eval()
@@ -60,7 +60,10 @@ def load(model_dir: str, *, precision: str = "auto", max_length: int | None = No
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
     if torch.cuda.is_available():
         model.to("cuda")
+    from lmtune.models.classifier import max_positions
+
     ml = max_length or record.get("config", {}).get("train", {}).get("max_length") or 512
+    ml = min(int(ml), max_positions(model.config) or int(ml))  # a checkpoint from elsewhere may have fewer positions
     return Classifier(path, model, tokenizer, labels, int(ml), record, dtype)
 
 
@@ -78,17 +81,18 @@ def _logits(clf: Classifier, table, batch_size: int) -> tuple[np.ndarray, Any]:
 
 def evaluate(model_dir: str, data_file: str, *, text_column: str | None = None, text_pair_column: str | None = None,
              label_column: str | None = None, batch_size: int = 32, precision: str = "auto",
-             output: str | None = None) -> dict[str, Any]:
+             output: str | None = None, empty_text: str = "error", missing_label: str = "error") -> dict[str, Any]:
     """Accuracy, macro-F1, per-class report and confusion matrix of a saved model on a labelled file.
 
     Writes the result as JSON (default ``<model_dir>/eval/<file stem>.json``) and returns it.
+    ``empty_text`` / ``missing_label``: ``"error"`` or ``"skip"`` (counted in the result's ``skipped``).
     """
     from lmtune.errors import LabelError
     from lmtune.train.metrics import classification_metrics
 
     clf = load(model_dir, precision=precision)
-    table = _read(data_file, clf, require_labels=True, text_column=text_column, text_pair_column=text_pair_column,
-                  label_column=label_column)
+    table = _read(data_file, clf, require_labels=True, policies={"empty_text": empty_text, "missing_label": missing_label},
+                  text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
     known = {name: i for i, name in enumerate(clf.labels)}
     unknown = sorted({lab for lab in table.labels if lab not in known})
     if unknown:
@@ -108,14 +112,18 @@ def evaluate(model_dir: str, data_file: str, *, text_column: str | None = None, 
     return result
 
 
-def predict(model_dir: str, data: str | list[str], *, text_column: str | None = None,
-            text_pair_column: str | None = None, batch_size: int = 32, precision: str = "auto") -> list[dict[str, Any]]:
-    """Labels with probabilities for a file (CSV/TSV/JSONL/Parquet), or for a list of texts."""
+def predict(model_dir: str, data: str | list[str] | Any, *, text_column: str | None = None,
+            text_pair_column: str | None = None, batch_size: int = 32, precision: str = "auto",
+            empty_text: str = "error") -> list[dict[str, Any]]:
+    """Labels with probabilities for a file (CSV/TSV/JSONL/Parquet), a list of texts, or a :class:`~lmtune.data.Table`
+    (whose line numbers the output rows keep)."""
     from lmtune.data import Table
     from lmtune.train.metrics import softmax
 
     clf = load(model_dir, precision=precision)
-    if isinstance(data, list):
+    if isinstance(data, Table):
+        table = data
+    elif isinstance(data, list):
         empty = [i + 1 for i, t in enumerate(data) if not t.strip()]
         if empty:
             raise DataError(f"input: text {empty[0]} is empty ({len(empty)} empty text(s) in all)")
@@ -123,7 +131,8 @@ def predict(model_dir: str, data: str | list[str], *, text_column: str | None = 
                       line_numbers=list(range(1, len(data) + 1)), text_column="text", text_pair_column=None,
                       label_column=None, skipped={})
     else:
-        table = _read(data, clf, require_labels=False, text_column=text_column, text_pair_column=text_pair_column)
+        table = _read(data, clf, require_labels=False, policies={"empty_text": empty_text}, text_column=text_column,
+                      text_pair_column=text_pair_column)
     logits, _ = _logits(clf, table, batch_size)
     probs = softmax(logits)
     rows = []
@@ -138,15 +147,15 @@ def predict(model_dir: str, data: str | list[str], *, text_column: str | None = 
     return rows
 
 
-def _read(path: str, clf: Classifier, *, require_labels: bool, **given: str | None):
+def _read(path: str, clf: Classifier, *, require_labels: bool, policies: dict[str, str], **given: str | None):
     """Read ``path`` preferring the training run's column names; fall back to detection when absent."""
     from lmtune.data import read_table
 
     trained = {k: v for k, v in clf.columns.items() if k in given}
     preferred = {k: given[k] or trained.get(k) for k in given}
     try:
-        return read_table(path, require_labels=require_labels, **preferred)
+        return read_table(path, require_labels=require_labels, **policies, **preferred)
     except DataError:
         if preferred == given:
             raise
-        return read_table(path, require_labels=require_labels, **given)
+        return read_table(path, require_labels=require_labels, **policies, **given)

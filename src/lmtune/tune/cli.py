@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from lmtune._fields import add_dataclass_flags, load_yaml, merge, nested_overrides, to_yaml
-from lmtune.config import DataConfig, ModelConfig, RunConfig, SearchConfig, TrainConfig, TuneConfig
+from lmtune._fields import add_dataclass_flags, build_config, load_yaml, nested_overrides, to_yaml
+from lmtune.config import DataConfig, ModelConfig, RunConfig, SearchConfig, TrainConfig, TuneConfig, mapping
 from lmtune.errors import ConfigError
 from lmtune.tune.space import SEARCHABLE
 
@@ -35,20 +35,24 @@ def add_tune_parser(sub) -> None:
 
 def configs_from_args(ns) -> tuple[RunConfig, SearchConfig, TuneConfig]:
     base = load_yaml(ns.config) if getattr(ns, "config", None) else {}
-    merged = merge(base, nested_overrides(ns))
-    search = merged.pop("search", {}) or {}
-    tune_d = merged.pop("tune", {}) or {}
-    if "output_dir" in vars(ns):
-        merged["output_dir"] = ns.output_dir
-    merged.setdefault("output_dir", "runs/tune")
-    if "report" in vars(ns):
-        merged["report"] = ns.report
-    try:
-        sc = SearchConfig(**{k: (None if v is None else str(v) if not isinstance(v, (list, dict)) else v) for k, v in search.items()})
-        tc = TuneConfig(**tune_d)
-        run = RunConfig.from_dict(merged)
-    except TypeError as e:
-        raise ConfigError(f"invalid configuration: {e}") from None
+    over = nested_overrides(ns)
+    for key in ("output_dir", "report"):
+        if key in vars(ns):
+            over[key] = getattr(ns, key)
+
+    def build(merged: dict) -> tuple[RunConfig, SearchConfig, TuneConfig]:
+        search = mapping(merged.pop("search", None), "search")
+        tune_d = mapping(merged.pop("tune", None), "tune")
+        merged.setdefault("output_dir", "runs/tune")
+        unknown = sorted(set(search) - {f.name for f in dataclasses.fields(SearchConfig)})
+        if unknown:
+            raise ConfigError(f"unknown keys in section 'search': {unknown}")
+        # A declaration is text ('1e-5..1e-3:log'), a list of choices or a {low, high, log} mapping; YAML reads
+        # a single value (3, 1e-4) as a number.
+        sc = SearchConfig(**{k: (None if v is None else v if isinstance(v, (list, dict)) else str(v)) for k, v in search.items()})
+        return RunConfig.from_dict(merged), sc, TuneConfig(**tune_d)
+
+    run, sc, tc = build_config(build, base, over, getattr(ns, "config", None))
     if not run.data.train_file and not tc.show and not getattr(ns, "print_config", False):
         raise ConfigError("--data (--train-file) is required: the labelled training file")
     return run, sc, tc
