@@ -91,21 +91,51 @@ def finish_attention(model: torch.nn.Module, requested: str) -> None:
     model.set_attn_implementation(register())
 
 
+def max_positions(config: Any) -> int | None:
+    """The longest sequence a checkpoint's position embeddings cover (None where it does not say)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_max_length(cfg: ModelConfig, max_length: int, resolved: ResolvedModel | None = None) -> None:
+    """Refuse a --max-length beyond the model's positions before any weight is loaded (it used to train until
+    an IndexError in the position embedding)."""
+    from transformers import AutoConfig
+
+    resolved = resolved or resolve(cfg.name, cfg.cache_dir)
+    try:
+        config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:
+        raise ModelError(f"--model {cfg.name}: cannot read its config ({_one_line(e)})") from e
+    limit = max_positions(config)
+    if limit is not None and max_length > limit:
+        raise ModelError(f"--max-length {max_length} exceeds the {limit} positions of --model {cfg.name}; "
+                         f"use --max-length {limit} or less")
+
+
 def load_classifier(
     cfg: ModelConfig,
     labels: list[str],
     *,
     resolved: ResolvedModel | None = None,
     tokenizer: Any | None = None,
+    max_length: int | None = None,
 ) -> LoadedModel:
     """Load ``cfg.name`` as ``AutoModelForSequenceClassification`` with ``len(labels)`` outputs.
 
     Weights load in fp32; the loop applies the precision (autocast, or a bf16 copy with fp32 masters).
+    With ``max_length``, a length beyond the model's positions is refused before the weights load.
     """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     resolved = resolved or resolve(cfg.name, cfg.cache_dir)
+    if max_length is not None:
+        check_max_length(cfg, max_length, resolved)
     tokenizer = tokenizer or load_tokenizer(resolved.path, cfg.trust_remote_code, cfg.name)
     id2label = dict(enumerate(labels))
     label2id = {name: i for i, name in enumerate(labels)}
@@ -121,6 +151,7 @@ def load_classifier(
                 label2id=label2id,
                 dtype=torch.float32,
                 trust_remote_code=cfg.trust_remote_code,
+                use_safetensors=True,  # never unpickle weights (a .bin can run code when loaded)
                 ignore_mismatched_sizes=True,
                 **({"attn_implementation": attn} if (attn := attention_for(cfg.attn_implementation)) else {}),
             )

@@ -79,6 +79,7 @@ def resolve(name: str, cache_dir: str | None = None) -> ResolvedModel:
             if len(ggufs) == 1:
                 return ResolvedModel(name, str(gguf_to_folder(ggufs[0], cache_dir)), "gguf")
             raise ModelError(f"--model: folder {name} has no config.json (not a transformers checkpoint)")
+        _require_safetensors(p, name)
         return ResolvedModel(name, str(p), "folder")
     alias = ALIASES.get(name.lower())
     if alias is not None:
@@ -92,6 +93,23 @@ def resolve(name: str, cache_dir: str | None = None) -> ResolvedModel:
     raise ModelError(
         f"--model: '{name}' is not an alias, a local folder, a .gguf file or a hub id (owner/name); aliases: {known}"
     )
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _require_safetensors(folder: Path, name: str) -> None:
+    """Weights load from safetensors (or GGUF) only: a pickle file can run code when it is loaded."""
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(
+            f"--model {name}: holds only pickle weights ({', '.join(pickles[:3])}), which lmtune does not load "
+            "(unpickling can run code); convert them to safetensors once, e.g. "
+            "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir)`, if you trust the file"
+        )
+    raise ModelError(f"--model {name}: no weights in the folder (expected *.safetensors)")
 
 
 def _file_key(path: Path) -> str:

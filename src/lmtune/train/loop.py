@@ -6,6 +6,9 @@ micro-batch is the sum of its per-example losses divided by the examples in the 
 the number of processes, which DDP divides out again), so the gradient is the mean over the global
 batch whatever the micro-batch size. That is what lets an out-of-memory error halve the
 micro-batch and retry the same step without changing the optimisation.
+
+Two things stop a run as diverged, before anything is saved: a loss or gradient that is not finite, and
+a training loss that climbs far above where the run started (see :func:`_check_divergence`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 
 from lmtune._console import log, progress
-from lmtune._io import atomic_write_json, atomic_write_text
+from lmtune._io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from lmtune.config import RunConfig
 from lmtune.errors import CheckpointError, ConfigError, DivergenceError, LmtuneError
 from lmtune.train import checkpoint as ckpt
@@ -34,6 +37,10 @@ from lmtune.train.metrics import classification_metrics, format_metrics, softmax
 from lmtune.train.precision import MASTER, MasterWeights, resolve_precision
 
 RECORD_FILE = "lmtune_run.json"
+# The divergence rule (see _check_divergence): the mean training loss of the last DIVERGENCE_WINDOW optimizer
+# steps against --divergence-factor x the run's starting loss, judged from step DIVERGENCE_FIRST_CHECK on.
+DIVERGENCE_WINDOW = 10
+DIVERGENCE_FIRST_CHECK = 4
 
 
 class Interrupted(LmtuneError):
@@ -104,6 +111,7 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
     record_path = out / RECORD_FILE
 
     # ---- setup -----------------------------------------------------------------------------------
+    ensure_writable_dir(out, "--out")
     if out.exists() and record_path.is_file() and not (cfg.overwrite or cfg.resume):
         raise ConfigError(f"--output-dir {out} already holds a finished run; pass --overwrite to replace it")
     resume_from = None
@@ -157,7 +165,7 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
             log.warning(f"warning: {w}")
 
     resolved = resolve(cfg.model.name, cfg.model.cache_dir)
-    loaded = load_classifier(cfg.model, labels, resolved=resolved)
+    loaded = load_classifier(cfg.model, labels, resolved=resolved, max_length=tc.max_length)
     model, tokenizer = loaded.model, loaded.tokenizer
     tok_cache = (resources.tokenized_cache_dir if resources and resources.tokenized_cache_dir
                  else str(cache_root(cfg.model.cache_dir) / "tokenized"))
@@ -198,7 +206,7 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
         "global_step": 0, "epoch": 0, "step_in_epoch": 0, "history": [], "train_log": [],
         "best": None, "evals_without_improvement": 0, "micro_batch_size": micro,
         "train_tokens": 0, "padded_tokens": 0, "running_loss": 0.0, "running_n": 0, "train_seconds": 0.0, "eval_seconds": 0.0,
-        "config": _resumable_config(cfg),
+        "recent_losses": [], "loss_reference": None, "warnings": [], "config": _resumable_config(cfg),
     }
     if resume_from is not None:
         ckpt.load_trainable_state(accelerator.unwrap_model(model), resume_from["trainable.safetensors"], str(resume_from["path"]))
@@ -211,6 +219,18 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
         micro = st["micro_batch_size"]
         if main:
             say(f"resumed from {resume_from['path']} (step {st['global_step']}, epoch {st['epoch'] + 1})")
+    if cfg.resume and tc.save_checkpoints:
+        # checkpoints/best is verified like the step checkpoints: a corrupt one would otherwise only fail
+        # at the very end of the run. Every process settles st["best"] alike from what it reads; once all
+        # have read, the main process rewrites the folder to match.
+        weights, problem = _settle_best(ckpt_root, st, out, main)
+        accelerator.wait_for_everyone()
+        if main and problem and weights is not None:
+            ckpt.write_folder_atomically(ckpt_root / "best", {"trainable.safetensors": weights},
+                                         {"step": st["best"]["step"], "metrics": st["best"]})
+        elif main and st["best"] is None:  # no evaluation counts yet: a best folder here is from a lost one
+            shutil.rmtree(ckpt_root / "best", ignore_errors=True)
+            (out / "val_predictions.jsonl").unlink(missing_ok=True)
 
     stop = {"stop": None}
     old_handlers = {}
@@ -269,24 +289,25 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
         if improved:
             st["best"] = dict(entry) | {"per_class": metrics["per_class"], "confusion_matrix": metrics["confusion_matrix"]}
             st["evals_without_improvement"] = 0
-            if main:
-                probs = softmax(logits)
-                if tc.save_checkpoints:
-                    ckpt.write_folder_atomically(ckpt_root / "best", {"trainable.safetensors": trainable_now()},
-                                                 {"step": st["global_step"], "metrics": st["best"]})
-                else:  # a search trial: no resume, so the best weights need not survive the process
-                    best_in_memory.pop("weights", None)  # free the previous best before copying the new one
-                    if st["global_step"] < total_steps:
-                        best_in_memory["weights"] = trainable_now(copy=True)
-                    # else: the last evaluation is the best, and the weights in the model are those weights;
-                    # a copy would only add a full set of weights (~0.5 GB per 135M parameters) to the peak.
-                _write_predictions(out / "val_predictions.jsonl", bundle.val, val_enc.labels, probs, labels)
+            if main and not tc.save_checkpoints:  # a search trial: no resume, so the best weights need not survive the process
+                best_in_memory.pop("weights", None)  # free the previous best before copying the new one
+                if st["global_step"] < total_steps:
+                    best_in_memory["weights"] = trainable_now(copy=True)
+                # else: the last evaluation is the best, and the weights in the model are those weights;
+                # a copy would only add a full set of weights (~0.5 GB per 135M parameters) to the peak.
         else:
             st["evals_without_improvement"] += 1
         if main:
             say(f"epoch {entry['epoch']:.2f}  step {entry['step']}/{total_steps}  {format_metrics(entry)}"
                      + ("  (best)" if improved else ""))
         save_state()
+        if improved and main:
+            if tc.save_checkpoints:
+                # After the step checkpoint: a crash in between leaves a best folder one evaluation behind the
+                # newest checkpoint, which a resume rebuilds from that checkpoint (the same weights).
+                ckpt.write_folder_atomically(ckpt_root / "best", {"trainable.safetensors": trainable_now()},
+                                             {"step": st["global_step"], "metrics": st["best"]})
+            _write_predictions(out / "val_predictions.jsonl", bundle.val, val_enc.labels, softmax(logits), labels)
         if on_evaluate is not None:
             on_evaluate(EvalEvent(st["global_step"], entry["epoch"], total_steps, entry, improved, micro))
         patience = tc.early_stopping_patience
@@ -327,6 +348,7 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
                     raise DivergenceError(
                         f"training loss became {step_loss} (gradient norm {grad_norm}) at step {st['global_step'] + 1}; "
                         f"the run was stopped before saving; lower --lr (now {tc.learning_rate:g})")
+                _check_divergence(st, step_loss, tc, chance_loss=math.log(max(2, len(labels))))
                 if master:
                     master.step(optimizer, grad_norm, tc.max_grad_norm)
                 else:
@@ -374,9 +396,13 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
             master.restore_fp32(unwrapped)  # the saved folder holds the fp32 weights, as the user's checkpoint did
         if best_in_memory:
             ckpt.load_trainable_state(unwrapped, best_in_memory.pop("weights"), "best weights")
-        elif (best_folder / "state.json").is_file():
-            from safetensors.torch import load_file
-            ckpt.load_trainable_state(unwrapped, load_file(str(best_folder / "trainable.safetensors")), str(best_folder))
+        elif tc.save_checkpoints and st["best"] is not None:
+            # Verified and, if broken, settled as on --resume: a broken best folder must not cost the run.
+            weights, _ = _settle_best(ckpt_root, st, out, main)
+            if weights is not None:
+                ckpt.load_trainable_state(unwrapped, weights, str(best_folder))
+            elif st["history"] and st["history"][-1]["step"] == st["global_step"]:
+                st["best"] = _as_best(st["history"][-1])  # the weights in the model are those of the last evaluation
         final = to_plain_transformers(unwrapped)
         final.config.use_cache = True
         save_model_folder(final, tokenizer, out)
@@ -384,13 +410,92 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
         atomic_write_json(record_path, record)
         _write_curve(out / "curve.csv", st["history"])
         shutil.rmtree(ckpt_root, ignore_errors=True)
-        say(f"best: step {st['best']['step']}  {format_metrics(st['best'])}")
+        if st["best"] is not None:
+            say(f"best: step {st['best']['step']}  {format_metrics(st['best'])}")
         say(f"saved: {out}")
     accelerator.wait_for_everyone()
     if record is None:
         import json
         record = json.loads(record_path.read_text())
     return TrainResult(str(out), record["best"], record["history"], record)
+
+
+def _check_divergence(st: dict[str, Any], step_loss: float, tc, chance_loss: float) -> None:
+    """Stop a run whose training loss explodes without becoming NaN (a learning rate far too high).
+
+    Such a run would otherwise finish "successfully" at chance accuracy and save that model, and a
+    search would count it as a COMPLETE trial. The rule: from step 4 on, the mean loss of the last 10
+    optimizer steps must not exceed ``divergence_factor`` x the starting loss: the first step's loss
+    (measured before any update, so a learning rate that explodes at once cannot inflate it), and at
+    least ``chance_loss``, the loss of guessing uniformly (so one easy first batch cannot set the line
+    low). Ten steps absorb the spikes of a healthy run. The losses live in ``st``, so --resume keeps
+    the reference of the original run.
+    """
+    recent = st["recent_losses"] = (st["recent_losses"] + [step_loss])[-DIVERGENCE_WINDOW:]
+    step = st["global_step"] + 1  # the optimizer step this loss belongs to
+    if st["loss_reference"] is None:
+        st["loss_reference"] = max(step_loss, chance_loss)
+    factor, reference = tc.divergence_factor, st["loss_reference"]
+    if not factor or step < DIVERGENCE_FIRST_CHECK:
+        return
+    mean = sum(recent) / len(recent)
+    if mean > factor * reference:
+        raise DivergenceError(
+            f"training loss diverged: its mean over the last {len(recent)} steps is {mean:.4g}, over {factor:g} x "
+            f"the starting loss {reference:.4g}, at step {step}; the run was stopped before saving; "
+            f"lower --lr (now {tc.learning_rate:g}), or turn this check off with --divergence-factor 0")
+
+
+def _settle_best(ckpt_root: Path, st: dict[str, Any], out: Path,
+                 main: bool) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    """The weights of ``st["best"]`` from ``checkpoints/best``, verified like a step checkpoint.
+
+    Returns ``(weights, problem)``; ``problem`` is None when the folder loads and holds the best step.
+    Otherwise ``st["best"]`` is settled honestly: the same best if a surviving step checkpoint holds its
+    weights; else the newest evaluation whose weights survive in a step checkpoint; else none, and the
+    next evaluation becomes the best. ``weights`` are then those of the (new) best, to rewrite the folder
+    with, or None. The problem is logged once (main process) and kept in the run record's warnings.
+    Reads checkpoints only, so every process can run it and reach the same ``st``.
+    """
+    best = st["best"]
+    if best is None:
+        return None, None
+    folder = ckpt_root / "best"
+    try:
+        found = ckpt.read_weights(folder)
+        if found["state"].get("step") == best["step"]:
+            return found["trainable.safetensors"], None
+        why = f"{folder} holds step {found['state'].get('step')}, not the best step {best['step']}"
+    except CheckpointError as e:
+        why = str(e)
+    weights, outcome = None, (f"the weights of the best evaluation (step {best['step']}) are lost and no evaluated "
+                              "checkpoint survives, so the next evaluation becomes the best")
+    source = ckpt.step_weights(ckpt_root, best["step"])
+    if source is not None:
+        weights, outcome = source["trainable.safetensors"], f"rebuilt it from {source['path'].name} (the same weights)"
+    else:
+        st["best"], st["evals_without_improvement"] = None, 0
+        for entry in reversed(st["history"]):
+            source = ckpt.step_weights(ckpt_root, entry["step"]) if entry["step"] <= st["global_step"] else None
+            if source is not None:
+                st["best"] = _as_best(entry)
+                st["evals_without_improvement"] = sum(h["step"] > entry["step"] for h in st["history"])
+                weights, outcome = source["trainable.safetensors"], (
+                    f"the weights of the best evaluation (step {best['step']}) are lost, so the best is now "
+                    f"step {entry['step']}, the newest evaluation whose weights survive")
+                break
+        if main:  # the saved predictions were those of the lost best
+            (out / "val_predictions.jsonl").unlink(missing_ok=True)
+    problem = f"unusable best checkpoint: {why}; {outcome}"
+    st["warnings"].append(problem)
+    if main:
+        log.warning(f"warning: {problem}")
+    return weights, problem
+
+
+def _as_best(entry: dict[str, Any]) -> dict[str, Any]:
+    """A history entry as ``st["best"]`` (without the per-class metrics, which only the best keeps)."""
+    return {k: v for k, v in entry.items() if k != "is_best"}
 
 
 def _millions(n: int) -> str:
@@ -569,6 +674,7 @@ def _record(cfg, st, bundle, loaded, mixed, micro, world, train_enc, val_enc, st
         "oom_events": st.get("oom_events", []),
         "steps": {"total": total_steps, "done": st["global_step"]},
         "stopped_early": stopped_early,
+        "warnings": st["warnings"],
         "best": st["best"],
         "history": st["history"],
         "train_log": st["train_log"],
