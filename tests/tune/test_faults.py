@@ -94,8 +94,7 @@ def test_row5_signal_fails_and_requeues_then_rerun_completes(tune_data, tiny_lla
 
 
 def test_row10_diverging_trial_is_pruned_never_complete(tune_data, tiny_llama, tmp_path):
-    """lr = 1000 with weight decay 0.1 makes the tiny model's loss NaN within a few steps (lr = 10 does not:
-    gradient clipping and RMSNorm keep it finite, so it is a bad but honest COMPLETE)."""
+    """lr = 1000 with weight decay 0.1 makes the tiny model's loss NaN within a few steps."""
     out = tmp_path / "s"
     code = main(base_args(tune_data, tiny_llama, out, "--lr", "1000,3e-3", "--weight-decay", "0.1", "--n-trials", "4",
                           "--pruner", "none", "--epochs", "1"))
@@ -111,6 +110,20 @@ def test_row10_diverging_trial_is_pruned_never_complete(tune_data, tiny_llama, t
     assert all(t.params["learning_rate"] != 1000 for t in complete)
     assert _states(study).count("COMPLETE") + _states(study).count("PRUNED") == 4
     assert study.best_trial.params["learning_rate"] == 3e-3
+
+
+def test_row10_exploding_but_finite_loss_is_pruned_as_diverged(tune_data, tiny_llama, tmp_path):
+    """lr = 10 keeps the tiny model's loss finite (clipping, RMSNorm) but sends it to the hundreds: such a trial
+    used to end COMPLETE at chance accuracy; it is PRUNED with the divergence as its reason."""
+    out = tmp_path / "s"
+    code = main(base_args(tune_data, tiny_llama, out, "--lr", "10", "--n-trials", "2", "--pruner", "none",
+                          "--epochs", "1", "--no-default-first"))
+    assert code == 0
+    study = load(out)
+    assert _states(study) == ["PRUNED", "PRUNED"]
+    for t in study.get_trials():
+        assert t.user_attrs["fail_reason"].startswith("diverged: training loss diverged"), t.user_attrs
+    assert not (out / "best").exists()
 
 
 def test_row11_oom_lowers_micro_batch_and_keeps_global_batch(tune_data, tiny_llama, tmp_path, monkeypatch):

@@ -238,6 +238,7 @@ def load_data(cfg: DataConfig) -> DataBundle:
         val_source = "split"
     rows_read = {"train": len(full), "val": len(val) if val_source == "file" else None}
 
+    rows_before_sampling = {"train": len(train), "val": len(val)}
     if cfg.max_train_rows is not None and cfg.max_train_rows < len(train):
         idx = stratified_sample(train_ids, cfg.max_train_rows, cfg.split_seed)
         train, train_ids = train.subset(idx), [train_ids[i] for i in idx]
@@ -263,6 +264,7 @@ def load_data(cfg: DataConfig) -> DataBundle:
         "val_source": val_source,
         "rows": {"train": len(train), "val": len(val)},
         "rows_read": rows_read,
+        "rows_before_sampling": rows_before_sampling,
         "skipped": {"train": dict(full.skipped), "val": dict(val.skipped) if val_source == "file" else {}},
         "class_counts": counts,
         "num_labels": len(label_map),

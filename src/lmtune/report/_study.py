@@ -36,6 +36,7 @@ class StudyData:
     study: Any  # optuna.Study
     trials: list[Any]  # FrozenTrial
     confirm: dict[str, Any] | None = None
+    refit: dict[str, Any] | None = None
     best_run: RunData | None = None
     best_run_dir: Path | None = None
     problems: list[str] = field(default_factory=list)
@@ -131,6 +132,14 @@ def load_study(folder: str | Path) -> StudyData:
             data.problems.append(f"{confirm_path.name} is not valid JSON ({e}); confirmation not shown")
         else:
             data.confirm = _check_confirm(raw, confirm_path.name, data.problems)
+    refit_path = folder / "refit.json"
+    if refit_path.exists() and safe_file(folder, refit_path, refit_path.name, data.problems):
+        try:
+            raw = json.loads(refit_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+            data.problems.append(f"refit.json is not valid JSON ({e}); the refit is not shown")
+        else:
+            data.refit = _check_refit(raw, data.problems)
     best_dir, problem = resolve_name(folder, _or(meta.get("best_dir"), "best"), f"{STUDY_RECORD} 'best_dir'")
     if problem:
         data.problems.append(problem + ", so the best trial's run report is not shown")
@@ -142,6 +151,57 @@ def load_study(folder: str | Path) -> StudyData:
             msg = (str(e).splitlines() or [""])[0]
             data.problems.append(f"best trial's run folder {best_dir} could not be read ({msg})")
     return data
+
+
+def _check_refit(raw: Any, problems: list[str]) -> dict[str, Any] | None:
+    """refit.json, or None (with a note) when its fields are not what `lmtune tune` writes."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    ok = (isinstance(raw, dict) and number(raw.get("search_value")) and number(raw.get("search_rows"))
+          and number(raw.get("refit_rows")) and (raw.get("refit_value") is None or number(raw.get("refit_value")))
+          and raw.get("kept") in ("refit", "search"))
+    if not ok:
+        problems.append("refit.json does not hold what lmtune tune writes; the refit is not shown")
+        return None
+    return raw
+
+
+def _default_trial(sd: StudyData) -> Any | None:
+    for t in sd.trials:
+        if t.user_attrs.get("lmtune_default") is True and t.state.name in ("COMPLETE", "PRUNED"):
+            return t
+    return None
+
+
+def _handed_back_lines(sd: StudyData) -> list[str]:
+    """Plain statements of what tuning bought and what best/ holds (for the page and summary.md)."""
+    lines = []
+    best, default = sd.best, _default_trial(sd)
+    sign = 1 if sd.maximize else -1
+    if default is not None and best is not None:
+        if default.state.name == "COMPLETE" and default.value is not None:
+            gain = sign * (best.value - default.value)
+            lines.append(f"default configuration (trial #{default.number}): {sd.metric} {default.value:.4f}; the best trial "
+                         f"is {gain:+.4f} {'better' if gain >= 0 else 'worse'} (one seed each: a gap within seed noise "
+                         "is not a gain; see the seed confirmation)")
+        else:
+            lines.append(f"default configuration (trial #{default.number}) was pruned: below the median of the trials before it")
+    r = sd.refit
+    if r:
+        refit_value = "diverged" if r.get("refit_value") is None else f"{r['refit_value']:.4f}"
+        lines.append(f"refit: the winning configuration retrained on {int(r['refit_rows'])} rows scored {refit_value} on "
+                     f"validation, against {r['search_value']:.4f} when trained on the search's {int(r['search_rows'])} "
+                     f"rows; best/ holds the {'refit' if r['kept'] == 'refit' else 'search-trained'} model")
+    return lines
+
+
+def _handed_back(page: Page, sd: StudyData) -> None:
+    lines = _handed_back_lines(sd)
+    if not lines:
+        page.note("No default-configuration trial and no refit in this study (--no-default-first, or the search saw every row).")
+        return
+    page.raw("<ul>" + "".join(f"<li>{esc(line)}</li>" for line in lines) + "</ul>")
 
 
 def _or(value: Any, default: str) -> Any:
@@ -248,6 +308,8 @@ def add_study_sections(page: Page, sd: StudyData, best_link: str | None) -> None
     guarded(page, "The learning rate x batch size chart", _lr_batch, page, sd)
     page.section("Model size, metric and cost")
     guarded(page, "The cost chart", _cost_chart, page, sd)
+    page.section("What tuning bought, and what best/ holds")
+    guarded(page, "The default-vs-best comparison", _handed_back, page, sd)
     page.section("Is the winner real? Seed confirmation")
     guarded(page, "The seed confirmation", _confirmation, page, sd)
     page.section("Best trial: run report")
@@ -483,6 +545,20 @@ def _is_log(sd: StudyData, name: str) -> bool:
     return any(h in name for h in _LOG_HINTS) and max(vals) / min(vals) > 10
 
 
+def _stored_importances(sd: StudyData, varied: list[str]) -> dict[str, float] | None:
+    """The importances `lmtune tune` computed and stored (importances.json), so the terminal, the files and this
+    page show one computation; None when absent or unusable (a running study: computed here instead)."""
+    path = sd.folder / "importances.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not data or not all(isinstance(k, str) and isinstance(v, (int, float))
+                                                         for k, v in data.items()):
+        return None
+    return {k: float(v) for k, v in data.items()}
+
+
 def _importances(page: Page, sd: StudyData) -> None:
     import optuna
     import plotly.graph_objects as go
@@ -493,12 +569,12 @@ def _importances(page: Page, sd: StudyData) -> None:
         page.note(f"Parameter importances need at least 2 complete trials with different settings "
                   f"({len(complete)} complete so far).")
         return
-    imp = None
+    imp = _stored_importances(sd, varied)
     error = ""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for params in (None, [p for p in varied if all(p in t.params for t in complete)]):
-            if params == []:
+            if imp or params == []:
                 break
             try:
                 imp = optuna.importance.get_param_importances(
@@ -760,6 +836,7 @@ def study_summary(sd: StudyData, html_path: str | None = None) -> str:
     res = _confirm_results(sd)
     for r in res:
         lines.append(f"- confirmed: trial #{r.get('trial')} {sd.metric} {r['mean']:.4f} ± {r['std']:.4f} over {len(r['values'])} seeds")
+    lines += [f"- {line}" for line in _handed_back_lines(sd)]
     for p in sd.problems:
         lines.append(f"- problem: {p}")
     if html_path:

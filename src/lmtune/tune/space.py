@@ -114,6 +114,30 @@ class SearchSpace:
             out.update({k: v for k, v in self.fixed().items() if k in CONDITIONAL_ON_LORA and k not in params})
         return out
 
+    def defaults(self, base: Any) -> dict[str, Any]:
+        """The documented default configuration (``base``, a RunConfig holding what `lmtune train` uses without
+        flags) as values of the searched dimensions: clipped into a range, or the nearest choice, so a
+        search can run it as its first trial. Only the searched (not fixed) dimensions are returned."""
+        values: dict[str, Any] = {}
+        for name, dim in self.dims.items():
+            if dim.kind == "fixed":
+                continue
+            section, fld, typ = SEARCHABLE[name]
+            default = getattr(getattr(base, section), fld)
+            if dim.kind in ("float", "int"):
+                v = min(max(float(default), float(dim.low)), float(dim.high))
+                values[name] = int(round(v)) if dim.kind == "int" else v
+            elif default in dim.choices:
+                values[name] = default
+            elif all(isinstance(c, (int, float)) for c in dim.choices) and isinstance(default, (int, float)):
+                values[name] = min(dim.choices, key=lambda c: (abs(math.log(max(c, 1e-12)) - math.log(max(default, 1e-12))), c))
+            else:
+                values[name] = dim.choices[0]
+        if values.get("method", self.fixed().get("method")) != "lora":
+            for name in CONDITIONAL_ON_LORA:
+                values.pop(name, None)
+        return values
+
     def describe(self) -> dict[str, str]:
         return {k: v.describe() for k, v in self.dims.items()}
 

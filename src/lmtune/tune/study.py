@@ -16,6 +16,7 @@ Reliability design (ENGINEERING.md §3):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import json
 import math
@@ -35,11 +36,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-# fail_stale_trials and heartbeats are marked experimental; the warning would repeat before every trial.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
 from lmtune._console import log
-from lmtune._io import atomic_write_json, atomic_write_text
+from lmtune._io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from lmtune.config import RunConfig, SearchConfig, TuneConfig
 from lmtune.errors import ConfigError, DivergenceError, LmtuneError, ModelError, StudyError
 from lmtune.tune.space import SEARCHABLE, SearchSpace, build_space
@@ -49,6 +47,10 @@ STUDY_FILE = "study.json"
 _FAULT_ENV = "LMTUNE_FAULT_KILL_AFTER_EVALS"
 _evals_seen = 0
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+DEFAULT_ATTR = "lmtune_default"
+REFIT_FILE = "refit.json"
 
 
 @dataclass
@@ -63,6 +65,8 @@ class TuneResult:
     counts: dict[str, int]
     confirmation: dict[str, Any] | None = None
     importances: dict[str, float] = field(default_factory=dict)
+    refit: dict[str, Any] | None = None
+    """What the refit on all training rows gave (``refit.json``), when one ran."""
 
 
 def default_storage(out: Path) -> str:
@@ -273,6 +277,15 @@ def _apply(base: RunConfig, params: dict[str, Any], trial_dir: Path, evals_per_e
     return cfg
 
 
+def _longest(dim, fixed: int) -> int:
+    """The longest --max-length a trial can get."""
+    if dim is None:
+        return fixed
+    if dim.kind in ("float", "int"):
+        return int(dim.high)
+    return max(int(c) for c in dim.choices)
+
+
 def tune(run: RunConfig, search: SearchConfig | None = None, tc: TuneConfig | None = None) -> TuneResult:
     """Search the key parameters with Optuna; keep the best model in ``<output_dir>/best``.
 
@@ -283,21 +296,23 @@ def tune(run: RunConfig, search: SearchConfig | None = None, tc: TuneConfig | No
     from lmtune._threads import TuneWorker
 
     tc = tc or TuneConfig()
-    with TuneWorker(tc.threads_per_worker) as worker:
+    with TuneWorker(tc.threads_per_worker) as worker, warnings.catch_warnings():
+        # fail_stale_trials and heartbeats are marked experimental; the warning would repeat before every trial.
+        # Filtered here, not at import: importing lmtune must not change the process's warning filters.
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         worker.apply()  # data loading and tokenisation already use the share
         return _tune(run, search, tc, worker)
 
 
 def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -> TuneResult:
     from lmtune.data import load_data
-    from lmtune.models import cache_root, resolve
+    from lmtune.models import cache_root, check_max_length, resolve
     from lmtune.train import Interrupted, Resources, train
 
     search = search or SearchConfig()
     # lmtune prints one line per trial and a leaderboard; Optuna's own per-trial INFO lines would repeat them.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    out = Path(run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_dir(run.output_dir, "--out")
     url = tc.storage or default_storage(out)
     t_start = time.time()
     budget = tc.budget_seconds
@@ -306,10 +321,11 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
     n_train = len(bundle.train)
     declared = search.declared()
     model_names = [m.strip() for m in (declared.get("model") or run.model.name).split(",")]
-    for name in model_names:  # fail before the study starts, not in every trial
-        resolve(name, run.model.cache_dir)
     space = build_space(declared, n_train_rows=n_train, params_m_of={m: _params_m(m) for m in model_names},
                         default_model=run.model.name, default_method=run.model.method)
+    longest = _longest(space.dims.get("max_length"), run.train.max_length)
+    for name in model_names:  # fail before the study starts, not in every trial
+        check_max_length(dataclasses.replace(run.model, name=name), longest, resolve(name, run.model.cache_dir))
     direction = "minimize" if run.train.metric == "val_loss" else "maximize"
     meta = {"study_name": tc.study_name, "storage": url, "metric": run.train.metric, "direction": direction,
             "space": space.describe(), "space_json": space.to_json(), "best_dir": "best", "confirmation": "confirm.json",
@@ -338,9 +354,13 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
             deadline = time.time() + 30
             while "n_trials" not in study.user_attrs and time.time() < deadline:
                 time.sleep(0.5)
+        if created and tc.default_first:
+            _enqueue_defaults(study, space, run)
         if created or study.user_attrs.get("n_trials") != tc.n_trials:
             _ensure_slots(study, tc.n_trials)
             study.set_user_attr("n_trials", tc.n_trials)
+    elif created and tc.default_first:
+        _enqueue_defaults(study, space, run)
     atomic_write_json(out / STUDY_FILE, meta)
     c = _counts(study)
     log.info(f"study '{tc.study_name}' in {redact(url)}: {'created' if created else 'resumed'}; "
@@ -355,6 +375,10 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
     resources = Resources(tokenized_cache_dir=str(cache_root(run.model.cache_dir) / "tokenized"), data_bundle=bundle)
     trial_seconds: list[float] = [t.user_attrs["seconds"] for t in study.get_trials(deepcopy=False, states=FINISHED)
                                   if "seconds" in t.user_attrs]
+    refit_rows = _refit_rows(bundle, tc)
+    finish = _FinishPlan(tc, budget, refit_scale=(refit_rows / n_train) if refit_rows else 0.0)
+    if budget is not None:
+        log.info(finish.outlook(study, trial_seconds, time.time() - t_start))
     consecutive_errors = 0
     current: list[optuna.Trial] = []  # the trial this worker holds (RUNNING), if any
     old_handlers = _raise_on_signals()
@@ -368,10 +392,10 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
             if budget is not None:
                 elapsed = time.time() - t_start
                 typical = statistics.median(trial_seconds) if trial_seconds else 0.0
-                reserve = typical * tc.confirm_seeds * tc.confirm_top if tc.confirm_seeds else 0.0
+                reserve = finish.reserve(study, trial_seconds)
                 if elapsed + typical + reserve > budget and (trial_seconds or elapsed > budget):
                     log.info(f"budget: {elapsed:.0f} s used of {budget:.0f} s; a typical trial takes {typical:.0f} s"
-                             + (f" and confirmation needs ~{reserve:.0f} s" if reserve else "") + "; no new trial")
+                             + (f"; ~{reserve:.0f} s kept for confirmation and refit" if reserve else "") + "; no new trial")
                     break
             trial_id = study._pop_waiting_trial_id()
             if trial_id is None:
@@ -402,6 +426,8 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
             consecutive_errors = 0 if state != TrialState.FAIL else consecutive_errors + 1
             if state in FINISHED:
                 trial_seconds.append(time.time() - t0)
+                if budget is not None and len(trial_seconds) == 1:
+                    log.info(finish.outlook(study, trial_seconds, time.time() - t_start))
             if consecutive_errors >= 3:
                 raise StudyError("three trials in a row failed with errors (see above); stopping the search")
             _print_leaderboard(study, run.train.metric, every=5)
@@ -418,8 +444,18 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
         _restore_signals(old_handlers)
 
     result = summarize(study, out, run.train.metric)
-    if tc.confirm_seeds and result.best_trial is not None and tc.n_trials is not None and _is_leader(study):
-        result.confirmation = confirm(study, space, run, tc, out, n_train, resources, train, worker=worker)
+    if result.best_trial is not None and tc.n_trials is not None and _is_leader(study):
+        left = None if budget is None else budget - (time.time() - t_start)
+        top, seeds, do_refit, note = finish.fit(study, trial_seconds, left, refit_rows is not None)
+        if note:
+            log.info(note)
+        if seeds:
+            sized = dataclasses.replace(tc, confirm_top=top, confirm_seeds=seeds)
+            result.confirmation = confirm(study, space, run, sized, out, n_train, resources, train, worker=worker)
+        if do_refit:
+            worker.apply()
+            result.refit = refit(study, space, run, tc, out, n_train, refit_rows, resources, train)
+        study.set_user_attr("finish_done", True)
     _write_outputs(study, out, run.train.metric, result)
     return result
 
@@ -525,6 +561,151 @@ def _run_trial(study, trial, space: SearchSpace, run: RunConfig, tc: TuneConfig,
     return state
 
 
+def _enqueue_defaults(study, space: SearchSpace, run: RunConfig) -> None:
+    """The first slot runs the documented default configuration: users want to know how the defaults do, and
+    it is the baseline that says what tuning bought."""
+    study.enqueue_trial(space.defaults(run), user_attrs={"lmtune_slot": True, DEFAULT_ATTR: True}, skip_if_exists=False)
+
+
+def _refit_rows(bundle, tc: TuneConfig) -> int | None:
+    """Rows a refit would train on, or None when no refit is due (the search already saw every row)."""
+    if tc.refit == "never":
+        return None
+    available = (bundle.summary.get("rows_before_sampling") or {}).get("train", len(bundle.train))
+    rows = min(available, tc.refit_rows) if tc.refit_rows else available
+    if tc.refit == "always" or rows > len(bundle.train):
+        return rows
+    return None
+
+
+class _FinishPlan:
+    """Sizes the work after the search (seed confirmation, refit) to a budget, never the budget to it.
+
+    At most ``reserve_fraction`` of the budget is held back for it while trials run; what is left at the end
+    decides how much of it runs: the refit first (it is the model handed back), then as many confirmation
+    runs as fit (fewer top trials first, then fewer seeds).
+    """
+
+    def __init__(self, tc: TuneConfig, budget: float | None, refit_scale: float):
+        self.tc, self.budget, self.refit_scale = tc, budget, refit_scale
+
+    @staticmethod
+    def _run_seconds(study, trial_seconds: list[float]) -> float:
+        """A full (unpruned) trial's time: what one confirmation run costs."""
+        done = [t.user_attrs["seconds"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if "seconds" in t.user_attrs]
+        pool = done or trial_seconds
+        return statistics.median(pool) if pool else 0.0
+
+    def wanted(self, study, trial_seconds: list[float]) -> tuple[float, float]:
+        """(confirmation seconds, refit seconds) the full plan would take."""
+        run = self._run_seconds(study, trial_seconds)
+        confirm = run * self.tc.confirm_seeds * self.tc.confirm_top
+        return confirm, run * self.refit_scale
+
+    def reserve(self, study, trial_seconds: list[float]) -> float:
+        assert self.budget is not None
+        return min(sum(self.wanted(study, trial_seconds)), self.tc.reserve_fraction * self.budget)
+
+    def outlook(self, study, trial_seconds: list[float], elapsed: float) -> str:
+        """The line that says what the budget is expected to buy."""
+        assert self.budget is not None
+        if not trial_seconds:
+            return (f"budget {self.budget:.0f} s: the first trial sizes the search; up to "
+                    f"{self.tc.reserve_fraction:.0%} of the budget is kept for confirmation and refit")
+        typical = statistics.median(trial_seconds)
+        reserve = self.reserve(study, trial_seconds)
+        more = max(0, int((self.budget - elapsed - reserve) // max(typical, 1e-9)))
+        return (f"budget: a trial takes ~{typical:.0f} s; about {more} more trial(s) fit in the budget, "
+                f"with ~{reserve:.0f} s kept for confirmation and refit")
+
+    def fit(self, study, trial_seconds: list[float], left: float | None,
+            refit_due: bool) -> tuple[int, int, bool, str | None]:
+        """(top trials, extra seeds, refit?, a note) that fit in ``left`` seconds (None: no budget)."""
+        tc = self.tc
+        top, seeds = tc.confirm_top, tc.confirm_seeds
+        if left is None:
+            return top, seeds, refit_due, None
+        run = self._run_seconds(study, trial_seconds)
+        refit_cost = run * self.refit_scale if refit_due else 0.0
+        notes = []
+        do_refit = refit_due and refit_cost <= left
+        if refit_due and not do_refit:
+            notes.append(f"refit skipped: it needs ~{refit_cost:.0f} s and {max(0, left):.0f} s of the budget are left")
+        room = left - (refit_cost if do_refit else 0.0)
+        while seeds and top * seeds * run > room:
+            if top > 1:
+                top -= 1
+            else:
+                seeds -= 1
+        if (top, seeds) != (tc.confirm_top, tc.confirm_seeds) and tc.confirm_seeds:
+            notes.append(f"confirmation sized to the budget: top {top} trial(s) on {seeds} extra seed(s)"
+                         if seeds else "confirmation skipped: no run of ~{:.0f} s fits the {:.0f} s left".format(run, max(0, room)))
+        return top, seeds, do_refit, ("budget: " + "; ".join(notes)) if notes else None
+
+
+def refit(study, space: SearchSpace, run: RunConfig, tc: TuneConfig, out: Path, n_search_rows: int, rows: int,
+          resources, train_fn) -> dict[str, Any]:
+    """Retrain the best trial's configuration on ``rows`` training rows (the same epochs, so more steps) and keep
+    whichever of it and the search-trained model scores better on the same validation rows as ``best/``."""
+    from lmtune.train import Resources
+
+    best = study.best_trial
+    metric = run.train.metric
+    maximize = study.direction.name == "MAXIMIZE"
+    params = space.complete(best.params)
+    cfg = _apply(run, params, out / "refit", 1, rows)
+    cfg.data.max_train_rows = rows
+    cfg.train.eval_every_steps = None
+    log.info(f"refit: trial {best.number}'s configuration on {rows} training rows (the search used {n_search_rows})")
+    t0 = time.time()
+    record: dict[str, Any] = {"trial": best.number, "params": params, "metric": metric, "search_rows": n_search_rows,
+                              "refit_rows": rows, "search_value": best.value}
+    try:
+        # Its own data bundle (more rows); the tokenisation cache is shared.
+        r = train_fn(cfg, resources=Resources(tokenized_cache_dir=resources.tokenized_cache_dir), quiet=True)
+        value = r.best[metric]
+        better = value >= best.value if maximize else value <= best.value
+        record |= {"refit_value": value, "seconds": round(time.time() - t0, 2),
+                   "kept": "refit" if better else "search"}
+        if better:
+            atomic_write_json(out / "refit" / "trial.json", {"trial": best.number, "params": params, "value": value,
+                                                             "refit_rows": rows})
+            _swap_into(out / "refit", out / "best")
+            log.info(f"refit: {metric} {value:.4f} on validation (search-trained: {best.value:.4f}); best/ is the refit model")
+        else:
+            log.info(f"refit: {metric} {value:.4f} on validation, not better than the search-trained {best.value:.4f}; "
+                     "best/ keeps the search-trained model")
+    except DivergenceError as e:
+        record |= {"refit_value": None, "kept": "search", "error": f"diverged: {e}"}
+        log.warning(f"refit diverged ({e}); best/ keeps the search-trained model")
+    finally:
+        shutil.rmtree(out / "refit", ignore_errors=True)
+    default = _default_trial(study)
+    if default is not None:
+        record["default_trial"] = {"trial": default.number, "value": default.value, "state": default.state.name}
+    atomic_write_json(out / REFIT_FILE, record)
+    return record
+
+
+def _default_trial(study):
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get(DEFAULT_ATTR) and t.state in FINISHED:
+            return t
+    return None
+
+
+def _swap_into(source: Path, target: Path) -> None:
+    """Replace folder ``target`` by ``source`` (old one moved aside first, so one of them is always whole)."""
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(source, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _fault_hook() -> None:
     global _evals_seen
     _evals_seen += 1
@@ -541,21 +722,15 @@ def _keep_if_best(study, trial, trial_dir: Path, out: Path, state: TrialState) -
         best = None
     if state == TrialState.COMPLETE and best is not None and best.number == trial.number and trial_dir.is_dir():
         atomic_write_json(trial_dir / "trial.json", {"trial": trial.number, "params": best.params, "value": best.value})
-        target, old = out / "best", out / "best.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(trial_dir, target)
-        shutil.rmtree(old, ignore_errors=True)
+        _swap_into(trial_dir, out / "best")
     else:
         shutil.rmtree(trial_dir, ignore_errors=True)
 
 
 def _is_leader(study) -> bool:
-    """Among workers finishing together, exactly one runs the confirmation (the last to write wins)."""
+    """Among workers finishing together, exactly one runs the confirmation and refit (the last to write wins)."""
     me = f"{socket.gethostname()}:{os.getpid()}"
-    if study.user_attrs.get("confirmation_done"):
+    if study.user_attrs.get("confirmation_done") or study.user_attrs.get("finish_done"):
         return False
     study.set_user_attr("confirmation_owner", me)
     time.sleep(1.0)
@@ -626,7 +801,9 @@ def importances(study) -> dict[str, float]:
     if len(done) < 3:
         return {}
     try:
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+        # Seeded: fANOVA's random forest gave different rankings on the same trials run to run.
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(study, evaluator=evaluator).items()}
     except Exception:  # e.g. every trial has the same parameters
         return {}
 
@@ -646,25 +823,47 @@ def _write_outputs(study, out: Path, metric: str, result: TuneResult) -> None:
                  + ", ".join(f"{k}={_fmt(v)}" for k, v in (result.best_params or {}).items()))
         if result.best_dir:
             log.info(f"best model: {result.best_dir}  (lmtune evaluate {result.best_dir} --data TEST_FILE)")
+    default = _default_trial(study)
+    if default is not None and default.value is not None and result.best_value is not None:
+        gain = (result.best_value - default.value) * (1 if study.direction.name == "MAXIMIZE" else -1)
+        log.info(f"default configuration (trial {default.number}): {metric} {default.value:.4f}; "
+                 f"the best trial is {gain:+.4f} better (one seed each)")
+    if result.refit:
+        r = result.refit
+        value = "diverged" if r.get("refit_value") is None else f"{r['refit_value']:.4f}"
+        log.info(f"refit on {r['refit_rows']} rows: {metric} {value} (search-trained on {r['search_rows']} rows: "
+                 f"{r['search_value']:.4f}); best/ holds the {r['kept']}-trained model")
     if result.importances:
         log.info("parameter importances: " + ", ".join(f"{k} {v:.2f}" for k, v in result.importances.items()))
     c = result.counts
     log.info(f"trials: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed, {c['running']} running")
 
 
+def _best_intermediate(t, maximize: bool) -> float | None:
+    """An unfinished trial's best evaluation so far, in the study's direction (val_loss is minimised)."""
+    values = [v for v in t.intermediate_values.values() if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    return max(values) if maximize else min(values)
+
+
 def leaderboard(study) -> list[dict[str, Any]]:
     metric = study.user_attrs.get("metric", "value")
+    maximize = study.direction.name == "MAXIMIZE"
     rows = []
     for t in study.get_trials(deepcopy=False):
         if t.state == TrialState.WAITING or t.system_attrs.get(_SURPLUS):
             continue
-        value = t.value if t.state == TrialState.COMPLETE else (
-            max(t.intermediate_values.values()) if t.intermediate_values else None)
+        value = t.value if t.state == TrialState.COMPLETE else _best_intermediate(t, maximize)
         rows.append({"trial": t.number, "state": t.state.name, metric: value, "seconds": t.user_attrs.get("seconds"),
                      "params": dict(t.params), "reason": t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason")})
-    maximize = study.direction.name == "MAXIMIZE"
     order = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "FAIL": 3}
-    rows.sort(key=lambda r: (order.get(r["state"], 4), -(r[metric] or -1e9) if maximize else (r[metric] or 1e9)))
+
+    def rank(r: dict[str, Any]) -> tuple[int, int, float]:
+        v = r[metric]
+        return order.get(r["state"], 4), v is None, 0.0 if v is None else (-v if maximize else v)
+
+    rows.sort(key=rank)
     return rows
 
 
