@@ -12,7 +12,7 @@ from typing import Any
 from lmtune._console import log, setup_cli_logging
 from lmtune._fields import add_dataclass_flags, build_config, load_yaml, nested_overrides, to_yaml
 from lmtune.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from lmtune.errors import ConfigError, LmtuneError
+from lmtune.errors import ConfigError, Interrupted, LmtuneError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -113,6 +113,18 @@ def _add_column_flags(p: argparse.ArgumentParser, labels: bool) -> None:
     p.add_argument("--text-pair-column", metavar="NAME", help="Second text column for pair tasks.")
     if labels:
         p.add_argument("--label-column", metavar="NAME", help="Label column (default: the one used in training, else detected).")
+    g = p.add_argument_group("generation models")
+    g.add_argument("--prompt-column", metavar="NAME", help="Prompt column (default: the one used in training, else detected).")
+    g.add_argument("--completion-column", metavar="NAME",
+                   help="Completion (reference) column (default: the one used in training, else detected).")
+    g.add_argument("--prompt-template", metavar="TEMPLATE", help="Build the prompt from columns, e.g. 'Translate to German: {en}'.")
+    g.add_argument("--max-new-tokens", type=_positive_int, metavar="N",
+                   help="Longest completion to generate (default: what training chose, saved with the model).")
+
+
+def _generation_columns(ns: argparse.Namespace) -> dict[str, Any]:
+    return {"prompt_column": ns.prompt_column, "completion_column": ns.completion_column,
+            "prompt_template": ns.prompt_template, "max_new_tokens": ns.max_new_tokens}
 
 
 def _add_row_policy_flags(p: argparse.ArgumentParser, labels: bool) -> None:
@@ -164,10 +176,18 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 
     r = evaluate(ns.model_dir, ns.data, text_column=ns.text_column, text_pair_column=ns.text_pair_column,
                  label_column=ns.label_column, batch_size=ns.batch_size, precision=ns.precision, output=ns.output,
-                 empty_text=ns.empty_text, missing_label=ns.missing_label)
-    print(format_evaluation(r))
+                 empty_text=ns.empty_text, missing_label=ns.missing_label, generation_columns=_generation_columns(ns))
+    print(format_generation(r) if r.get("task") == "generation" else format_evaluation(r))
     print(f"written: {r['output']}")
     return 0
+
+
+def format_generation(r: dict[str, Any]) -> str:
+    lines = [f"{r['data_file']}: {r['n']} rows, {r['prompts']} prompts (each scored against all its references)",
+             f"loss        {r['loss']:.4f}", f"perplexity  {r['perplexity']:.2f}"]
+    lines += [f"{k:<12}{r[k]:.2f}" for k in ("exact_match", "token_f1", "rougeL", "bleu", "chrf") if k in r]
+    lines.append(f"predictions beside their references: {r['predictions_file']}")
+    return "\n".join(lines)
 
 
 def format_evaluation(r: dict[str, Any]) -> str:
@@ -195,10 +215,12 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         blank = table.skipped.get("blank_line", 0)
         if blank:
             print(f"note: {blank} empty line(s) on stdin skipped; output rows keep their input line numbers", file=sys.stderr)
-        rows = predict(ns.model_dir, table, batch_size=ns.batch_size, precision=ns.precision)
+        rows = predict(ns.model_dir, table, batch_size=ns.batch_size, precision=ns.precision,
+                       generation_columns=_generation_columns(ns))
     else:
         rows = predict(ns.model_dir, ns.input, text_column=ns.text_column, text_pair_column=ns.text_pair_column,
-                       batch_size=ns.batch_size, precision=ns.precision, empty_text=ns.empty_text)
+                       batch_size=ns.batch_size, precision=ns.precision, empty_text=ns.empty_text,
+                       generation_columns=_generation_columns(ns))
     fmt = ns.format or ("csv" if ns.output and ns.output.lower().endswith((".csv", ".tsv")) else "jsonl")
     text = _format_predictions(rows, fmt)
     if ns.output:
@@ -241,6 +263,12 @@ def _format_predictions(rows: list[dict[str, Any]], fmt: str) -> str:
         return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     import csv
     import io
+    if rows and "completion" in rows[0]:  # a generation model
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["line", "prompt", "completion"])
+        w.writerows([r["line"], r["prompt"], r["completion"]] for r in rows)
+        return buf.getvalue()
     labels = list(rows[0]["probabilities"]) if rows else []
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -292,7 +320,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(ns)
     except LmtuneError as e:
-        from lmtune.train.loop import Interrupted
         if isinstance(e, Interrupted):
             print(f"lmtune {ns.command}: {e}", file=sys.stderr)
             return EXIT_INTERRUPTED

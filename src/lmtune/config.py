@@ -19,7 +19,8 @@ from lmtune.errors import ConfigError
 Method = Literal["full", "lora", "head"]
 Precision = Literal["auto", "fp32", "bf16", "bf16-master", "fp16"]
 Schedule = Literal["linear", "cosine", "constant"]
-Metric = Literal["accuracy", "macro_f1", "val_loss"]
+Metric = Literal["auto", "accuracy", "macro_f1", "val_loss", "perplexity", "exact_match", "token_f1", "rougeL", "bleu", "chrf"]
+Task = Literal["auto", "classification", "generation"]
 
 
 # The flag a user types for a field, where it has a short alias (kept in step with _fields.FLAG_ALIASES).
@@ -116,12 +117,14 @@ MAX_LENGTH_LIMIT = 1_048_576
 
 @dataclass
 class DataConfig:
-    """Where the labelled text is and how to read it."""
+    """Where the training data is and how to read it."""
 
     _section: ClassVar[str] = "data"
 
     train_file: str = ""
-    """Training data: CSV, TSV, JSONL or Parquet with a header (alias: --data)."""
+    """Training data: CSV, TSV, JSONL or Parquet with a header, or OpenAI fine-tuning JSONL (alias: --data)."""
+    task: Task = "auto"
+    """classification (text -> label) or generation (prompt -> completion); auto: generation for chat/prompt-completion data, else classification."""
     val_file: str | None = None
     """Validation data in the same layout. Without it, a stratified --val-fraction of --train-file is held out."""
     text_column: str | None = None
@@ -130,6 +133,14 @@ class DataConfig:
     """Second text column for sentence-pair tasks (e.g. premise/hypothesis)."""
     label_column: str | None = None
     """Column holding the label; detected when obvious (label, category, ...)."""
+    prompt_column: str | None = None
+    """Generation: column holding the prompt; detected when obvious (prompt, input, source, question, instruction+input)."""
+    completion_column: str | None = None
+    """Generation: column holding the completion; detected when obvious (completion, output, target, answer)."""
+    prompt_template: str | None = None
+    """Generation: build the prompt from columns, e.g. 'Translate to German: {en}'."""
+    chat_template: str = "auto"
+    """Generation: auto (the model's chat template when it has one, else plain prompt + completion), none, or a Jinja template FILE."""
     val_fraction: float = 0.2
     """Fraction of --train-file held out (stratified, seeded) when --val-file is not given."""
     max_train_rows: int | None = None
@@ -168,6 +179,8 @@ class ModelConfig:
     """LoRA scaling alpha (only with --method lora); the update is scaled by alpha / rank."""
     lora_dropout: float = 0.05
     """Dropout on the LoRA branch (only with --method lora)."""
+    save_adapter: bool = False
+    """With --method lora on a generation task: save the peft adapter folder instead of merging it into the weights."""
     trust_remote_code: bool = False
     """Allow a checkpoint to run its own Python code. Off unless you trust its author."""
     cache_dir: str | None = None
@@ -219,8 +232,14 @@ class TrainConfig:
     """Evaluate every N optimizer steps as well as at the end of each epoch (default: each epoch only)."""
     eval_batch_size: int | None = None
     """Examples per evaluation forward pass (default: 2 x micro batch)."""
-    metric: Metric = "accuracy"
-    """Metric that picks the best checkpoint and drives early stopping."""
+    metric: Metric = "auto"
+    """Metric that picks the best checkpoint, early stopping and a search's objective: accuracy, macro_f1, val_loss (classification); val_loss, perplexity, exact_match, token_f1, rougeL, bleu, chrf (generation); auto: accuracy, or val_loss for generation."""
+    train_on_prompt: bool = False
+    """Generation: put the loss on the prompt tokens too (default: only on the completion and end-of-sequence tokens)."""
+    max_new_tokens: int | None = None
+    """Generation: longest completion generated at evaluation (default: from the training completions' lengths)."""
+    eval_generate_rows: int | None = None
+    """Generation: decode a seeded sample of this many validation prompts at each evaluation for the text metrics (default: all; 0: loss and perplexity only)."""
     early_stopping_patience: int | None = None
     """Stop after this many evaluations without improvement of --metric (default: never)."""
     group_by_length: bool = True
@@ -253,6 +272,9 @@ class TrainConfig:
         _check(self, self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1, "checkpoint_every_steps", "must be >= 1", self.checkpoint_every_steps)
         _check(self, self.divergence_factor is None or self.divergence_factor == 0 or self.divergence_factor > 1,
                "divergence_factor", "must be > 1 (or 0/none to disable)", self.divergence_factor)
+        _check(self, self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1", self.max_new_tokens)
+        _check(self, self.eval_generate_rows is None or self.eval_generate_rows >= 0, "eval_generate_rows", "must be >= 0",
+               self.eval_generate_rows)
         _check(self, self.log_every_steps >= 1, "log_every_steps", "must be >= 1", self.log_every_steps)
         if self.micro_batch_size is not None and self.micro_batch_size > self.global_batch_size:
             raise ConfigError(
@@ -261,7 +283,7 @@ class TrainConfig:
 
     @property
     def higher_is_better(self) -> bool:
-        return self.metric != "val_loss"
+        return self.metric not in ("val_loss", "perplexity")
 
 
 @dataclass

@@ -50,3 +50,7 @@ class SearchSpaceError(ConfigError):
 
 class StudyError(LmtuneError):
     """A study cannot be created, resumed or read."""
+
+
+class Interrupted(LmtuneError):
+    """SIGINT/SIGTERM arrived; a checkpoint of the last finished step was written (exit code 130 on the CLI)."""

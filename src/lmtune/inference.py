@@ -34,13 +34,34 @@ class Classifier:
                 "label_column": data.get("label_column")}
 
 
+def task_of(model_dir: str) -> str:
+    """``classification`` or ``generation``: what the run record says, else what the checkpoint's head is."""
+    from lmtune.records import RECORD_FILE
+
+    path = Path(model_dir)
+    try:
+        record = json.loads((path / RECORD_FILE).read_text()) if (path / RECORD_FILE).is_file() else {}
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{model_dir}: unreadable model folder ({type(e).__name__}: {e})") from None
+    if isinstance(record, dict) and record.get("task") in ("classification", "generation"):
+        return record["task"]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if (architectures and any(str(a) in causal for a in architectures)) or (path / "adapter_config.json").is_file():
+        return "generation"
+    return "classification"
+
+
 def load(model_dir: str, *, precision: str = "auto", max_length: int | None = None) -> Classifier:
     """Load a folder written by ``lmtune train`` (or any sequence-classification checkpoint)."""
     from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     from lmtune.models import load_tokenizer
-    from lmtune.train.loop import RECORD_FILE
+    from lmtune.records import RECORD_FILE
+    from lmtune.train.loop import quiet_libraries
     from lmtune.train.precision import resolve_precision
 
     path = Path(model_dir)
@@ -48,7 +69,7 @@ def load(model_dir: str, *, precision: str = "auto", max_length: int | None = No
         raise ModelError(f"{model_dir}: not a model folder (no config.json); pass the --out folder of `lmtune train`")
     record_file = path / RECORD_FILE
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
-    hf_logging.disable_progress_bar()
+    quiet_libraries()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
     except Exception as e:
@@ -69,7 +90,7 @@ def load(model_dir: str, *, precision: str = "auto", max_length: int | None = No
 
 def _logits(clf: Classifier, table, batch_size: int) -> tuple[np.ndarray, Any]:
     from lmtune.data.batching import encode
-    from lmtune.train.loop import predict_logits
+    from lmtune.tasks.classification import predict_logits
 
     enc = encode(clf.tokenizer, table, None, clf.max_length)
     device = next(clf.model.parameters()).device
@@ -81,12 +102,19 @@ def _logits(clf: Classifier, table, batch_size: int) -> tuple[np.ndarray, Any]:
 
 def evaluate(model_dir: str, data_file: str, *, text_column: str | None = None, text_pair_column: str | None = None,
              label_column: str | None = None, batch_size: int = 32, precision: str = "auto",
-             output: str | None = None, empty_text: str = "error", missing_label: str = "error") -> dict[str, Any]:
+             output: str | None = None, empty_text: str = "error", missing_label: str = "error",
+             generation_columns: dict[str, Any] | None = None) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class report and confusion matrix of a saved model on a labelled file.
 
     Writes the result as JSON (default ``<model_dir>/eval/<file stem>.json``) and returns it.
     ``empty_text`` / ``missing_label``: ``"error"`` or ``"skip"`` (counted in the result's ``skipped``).
+    A generation model (see :func:`task_of`) is scored with :func:`lmtune.tasks.generation.evaluate_generation`.
     """
+    if task_of(model_dir) == "generation":
+        from lmtune.tasks.generation import evaluate_generation
+
+        return evaluate_generation(model_dir, data_file, batch_size=batch_size, output=output, empty_text=empty_text,
+                                   **{k: v for k, v in (generation_columns or {}).items()})
     from lmtune.errors import LabelError
     from lmtune.train.metrics import classification_metrics
 
@@ -114,10 +142,19 @@ def evaluate(model_dir: str, data_file: str, *, text_column: str | None = None, 
 
 def predict(model_dir: str, data: str | list[str] | Any, *, text_column: str | None = None,
             text_pair_column: str | None = None, batch_size: int = 32, precision: str = "auto",
-            empty_text: str = "error") -> list[dict[str, Any]]:
+            empty_text: str = "error", generation_columns: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Labels with probabilities for a file (CSV/TSV/JSONL/Parquet), a list of texts, or a :class:`~lmtune.data.Table`
-    (whose line numbers the output rows keep)."""
+    (whose line numbers the output rows keep). For a generation model: completions of prompts
+    (:func:`lmtune.tasks.generation.predict_generation`)."""
     from lmtune.data import Table
+
+    if task_of(model_dir) == "generation":
+        from lmtune.tasks.generation import predict_generation
+
+        if isinstance(data, Table):  # stdin lines: each is a prompt
+            data = _prompts_of(data)
+        return predict_generation(model_dir, data, batch_size=batch_size, empty_text=empty_text,
+                                  **(generation_columns or {}))
     from lmtune.train.metrics import softmax
 
     clf = load(model_dir, precision=precision)
@@ -159,3 +196,10 @@ def _read(path: str, clf: Classifier, *, require_labels: bool, policies: dict[st
         if preferred == given:
             raise
         return read_table(path, require_labels=require_labels, **policies, **given)
+
+
+def _prompts_of(table: Any) -> Any:
+    from lmtune.data.generation import GenExample, GenTable, Message
+
+    return GenTable(table.path, [GenExample([Message("user", t)], line, True) for t, line in zip(table.texts, table.line_numbers)],
+                    "columns", None, None)

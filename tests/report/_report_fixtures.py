@@ -93,7 +93,7 @@ def make_run(folder: Path, *, with_eval: bool = True, seed: int = 0) -> Path:
         conf = round(rng.uniform(0.4, 0.99), 4)
         probs = {lab: round((1 - conf) / 2, 4) for lab in LABELS} | {pred: conf}
         text = rng.choice(TEXTS[label]) + (" <b>not bold</b> </script>" if i == 0 else "")
-        lines.append(json.dumps({"line": i + 2, "text": text, "label": label, "predicted": pred, "confidence": conf,
+        lines.append(json.dumps({"line": i + 2, "text": text, "label": label, "predicted": pred, "probability": conf,
                                  "probabilities": probs}))
     (folder / "val_predictions.jsonl").write_text("\n".join(lines) + "\n")
     (folder / "curve.csv").write_text("step,epoch,train_loss,val_loss,accuracy,macro_f1,lr,elapsed_s\n")

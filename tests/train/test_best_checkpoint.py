@@ -114,13 +114,15 @@ def fake_checkpoints(root: Path, steps: list[int], best_step: int | None) -> Non
                                      {"step": best_step})
 
 
-def fake_state(best_step: int, global_step: int, evaluated: list[int]) -> dict:
+def fake_state(best_step: int, global_step: int, evaluated: list[int]):
+    from lmtune.train.loop import TrainState
+
     history = [{"step": s, "accuracy": s / 100, "is_best": s == best_step} for s in evaluated]
-    return {"global_step": global_step, "history": history, "best": {"step": best_step, "accuracy": best_step / 100},
-            "evals_without_improvement": 1, "warnings": []}
+    return TrainState(config={}, micro_batch_size=4, global_step=global_step, history=history,
+                      best={"step": best_step, "accuracy": best_step / 100}, evals_without_improvement=1)
 
 
-def settle(root: Path, st: dict, tmp_path: Path):
+def settle(root: Path, st, tmp_path: Path):
     from lmtune.train.loop import _settle_best
     return _settle_best(root, st, tmp_path, True)
 
@@ -129,7 +131,7 @@ def test_a_sound_best_is_used_as_it_is(tmp_path):
     fake_checkpoints(tmp_path, [8, 10], best_step=4)
     st = fake_state(4, 10, [4, 8, 10])
     weights, problem = settle(tmp_path, st, tmp_path)
-    assert problem is None and float(weights["w"]) == 4 and st["best"]["step"] == 4 and not st["warnings"]
+    assert problem is None and float(weights["w"]) == 4 and st.best["step"] == 4 and not st.warnings
 
 
 def test_a_best_folder_of_another_step_is_rebuilt_from_the_best_steps_checkpoint(tmp_path):
@@ -138,7 +140,7 @@ def test_a_best_folder_of_another_step_is_rebuilt_from_the_best_steps_checkpoint
     st = fake_state(10, 10, [4, 8, 10])
     weights, problem = settle(tmp_path, st, tmp_path)
     assert "holds step 4, not the best step 10" in problem and "step-0000010" in problem
-    assert float(weights["w"]) == 10 and st["best"]["step"] == 10 and st["warnings"] == [problem]
+    assert float(weights["w"]) == 10 and st.best["step"] == 10 and st.warnings == [problem]
 
 
 def test_lost_best_falls_back_to_the_newest_evaluation_whose_weights_survive(tmp_path):
@@ -149,8 +151,8 @@ def test_lost_best_falls_back_to_the_newest_evaluation_whose_weights_survive(tmp
     st = fake_state(4, 12, [4, 8, 12])
     weights, problem = settle(tmp_path, st, tmp_path)
     assert "now step 8" in problem and float(weights["w"]) == 8
-    assert st["best"] == {"step": 8, "accuracy": 0.08}
-    assert st["evals_without_improvement"] == 1  # the evaluation at step 12 did not beat it
+    assert st.best == {"step": 8, "accuracy": 0.08}
+    assert st.evals_without_improvement == 1  # the evaluation at step 12 did not beat it
     assert not (tmp_path / "val_predictions.jsonl").exists()
 
 
@@ -159,7 +161,7 @@ def test_lost_best_without_any_surviving_evaluation_leaves_no_best(tmp_path):
     shutil.rmtree(tmp_path / "best")
     st = fake_state(4, 6, [4])
     weights, problem = settle(tmp_path, st, tmp_path)
-    assert weights is None and st["best"] is None and st["evals_without_improvement"] == 0
+    assert weights is None and st.best is None and st.evals_without_improvement == 0
     assert "no state.json" in problem and "next evaluation becomes the best" in problem
 
 

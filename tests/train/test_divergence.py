@@ -94,7 +94,7 @@ def test_a_healthy_run_stays_far_below_the_line(tiny_llama, sentiment_files, tmp
     result = lmtune.train(cfg)
     assert result.record["steps"]["done"] == 40
     losses = [loss for loss, _ in seen]
-    reference = seen[-1][1]["loss_reference"]
+    reference = seen[-1][1].loss_reference
     assert reference == pytest.approx(max(losses[0], math.log(2)))
     worst = max(sum(losses[max(0, i - 9): i + 1]) / len(losses[max(0, i - 9): i + 1]) for i in range(3, len(losses)))
     assert worst < 1.5 * reference, (worst, reference)  # the line is at 5 x
@@ -123,24 +123,24 @@ def test_resume_keeps_the_reference_of_the_first_steps(tiny_llama, sentiment_fil
 
 def test_the_rule():
     from lmtune.config import TrainConfig
-    from lmtune.train.loop import _check_divergence
+    from lmtune.train.loop import TrainState, _check_divergence
 
     def run(losses, factor=5.0, chance=0.5):
         tc = TrainConfig(learning_rate=0.5, divergence_factor=factor)
-        st = {"global_step": 0, "recent_losses": [], "loss_reference": None}
+        st = TrainState(config={}, micro_batch_size=1)
         for loss in losses:
             _check_divergence(st, loss, tc, chance)
-            st["global_step"] += 1
+            st.global_step += 1
         return st
 
-    assert run([1.0, 1.0, 1.0] + [4.9] * 30)["loss_reference"] == 1.0  # below 5 x: a bad run, not a diverged one
+    assert run([1.0, 1.0, 1.0] + [4.9] * 30).loss_reference == 1.0  # below 5 x: a bad run, not a diverged one
     # The reference is the first step's loss (before any update): a learning rate that explodes at once, with no
     # warmup, cannot raise it; and at least the loss of guessing uniformly, so one easy first batch cannot lower it.
     with pytest.raises(DivergenceError, match="at step 4;"):
         run([1.0, 50.0, 200.0, 400.0])
-    assert run([0.01] + [0.6] * 30, chance=0.69)["loss_reference"] == 0.69
+    assert run([0.01] + [0.6] * 30, chance=0.69).loss_reference == 0.69
     st = run([1.0] * 3 + [0.5] * 7 + [30.0])  # one spike is averaged over ten steps: (7 x 0.5 + 2 x 1 + 30) / 10 < 5
-    assert len(st["recent_losses"]) == 10
+    assert len(st.recent_losses) == 10
     with pytest.raises(DivergenceError, match=r"at step 12;.*lower --lr \(now 0.5\)"):
         run([1.0] * 3 + [0.5] * 7 + [30.0, 30.0])
     with pytest.raises(DivergenceError, match="at step 4;"):

@@ -46,7 +46,7 @@ def test_tiny_llama_learns_and_saves_a_plain_transformers_folder(tiny_llama, sen
     curve = (out / "curve.csv").read_text().strip().splitlines()
     assert curve[0].startswith("step,epoch,train_loss,val_loss,accuracy") and len(curve) == 1 + len(hist)
     preds = [json.loads(line) for line in (out / "val_predictions.jsonl").read_text().splitlines()]
-    assert len(preds) == 40 and set(preds[0]) >= {"line", "text", "label", "predicted", "confidence"}
+    assert len(preds) == 40 and set(preds[0]) >= {"line", "text", "label", "predicted", "probability"}
     assert not (out / "checkpoints").exists()  # resumable state is removed once the run is finished
 
 

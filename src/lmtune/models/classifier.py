@@ -117,6 +117,41 @@ def check_max_length(cfg: ModelConfig, max_length: int, resolved: ResolvedModel 
                          f"use --max-length {limit} or less")
 
 
+def load_weights(auto_class: Any, cfg: ModelConfig, resolved: ResolvedModel, head: str, **kwargs: Any) -> torch.nn.Module:
+    """``auto_class.from_pretrained`` in fp32 from safetensors only, with lmtune's attention choice; every failure is a
+    one-line ModelError naming the flag. ``head`` names what the task needs, for the error of an architecture without it."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "score.weight MISSING, newly initialized" report is expected here
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = auto_class.from_pretrained(
+                resolved.path,
+                dtype=torch.float32,
+                trust_remote_code=cfg.trust_remote_code,
+                use_safetensors=True,  # never unpickle weights (a .bin can run code when loaded)
+                **({"attn_implementation": attn} if (attn := attention_for(cfg.attn_implementation)) else {}),
+                **kwargs,
+            )
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e) or "does not support" in str(e):
+            raise ModelError(f"--model {cfg.name}: this architecture has no {head} in transformers ({_one_line(e)})") from e
+        if "attn_implementation" in str(e):
+            raise ModelError(f"--attn-implementation {cfg.attn_implementation}: not available for --model {cfg.name} "
+                             f"({_one_line(e)})") from e
+        raise ModelError(f"--model {cfg.name}: cannot load ({_one_line(e)})") from e
+    except OSError as e:
+        raise ModelError(
+            f"--model {cfg.name}: not found locally and the hub could not provide it ({_one_line(e)}); "
+            "see `lmtune models` for what works offline"
+        ) from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model
+
+
 def load_classifier(
     cfg: ModelConfig,
     labels: list[str],
@@ -131,48 +166,14 @@ def load_classifier(
     With ``max_length``, a length beyond the model's positions is refused before the weights load.
     """
     from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     resolved = resolved or resolve(cfg.name, cfg.cache_dir)
     if max_length is not None:
         check_max_length(cfg, max_length, resolved)
     tokenizer = tokenizer or load_tokenizer(resolved.path, cfg.trust_remote_code, cfg.name)
-    id2label = dict(enumerate(labels))
-    label2id = {name: i for i, name in enumerate(labels)}
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the "score.weight MISSING, newly initialized" report is expected here
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = AutoModelForSequenceClassification.from_pretrained(
-                resolved.path,
-                num_labels=len(labels),
-                id2label=id2label,
-                label2id=label2id,
-                dtype=torch.float32,
-                trust_remote_code=cfg.trust_remote_code,
-                use_safetensors=True,  # never unpickle weights (a .bin can run code when loaded)
-                ignore_mismatched_sizes=True,
-                **({"attn_implementation": attn} if (attn := attention_for(cfg.attn_implementation)) else {}),
-            )
-    except ValueError as e:
-        if "Unrecognized configuration class" in str(e) or "does not support" in str(e):
-            raise ModelError(
-                f"--model {cfg.name}: this architecture has no sequence-classification head in transformers "
-                f"({_one_line(e)})"
-            ) from e
-        if "attn_implementation" in str(e):
-            raise ModelError(f"--attn-implementation {cfg.attn_implementation}: not available for --model {cfg.name} "
-                             f"({_one_line(e)})") from e
-        raise ModelError(f"--model {cfg.name}: cannot load ({_one_line(e)})") from e
-    except OSError as e:
-        raise ModelError(
-            f"--model {cfg.name}: not found locally and the hub could not provide it ({_one_line(e)}); "
-            "see `lmtune models` for what works offline"
-        ) from e
-    finally:
-        hf_logging.set_verbosity(verbosity)
-
+    model = load_weights(AutoModelForSequenceClassification, cfg, resolved, "sequence-classification head",
+                         num_labels=len(labels), id2label=dict(enumerate(labels)),
+                         label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True)
     finish_attention(model, cfg.attn_implementation)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
@@ -200,7 +201,8 @@ def head_parameter_names(model: torch.nn.Module) -> set[str]:
     return {n for n, _ in model.named_parameters() if not n.startswith(prefix)}
 
 
-def apply_method(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
+def apply_method(model: torch.nn.Module, cfg: ModelConfig, task_type: str = "SEQ_CLS") -> torch.nn.Module:
+    """Freeze what the method does not train; LoRA wraps the model in peft (``task_type``: SEQ_CLS or CAUSAL_LM)."""
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -215,7 +217,7 @@ def apply_method(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
 
     lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=getattr(TaskType, task_type),
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,

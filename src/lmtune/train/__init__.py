@@ -1,5 +1,7 @@
 """The training recipe, evaluation metrics and checkpoints."""
 
-from lmtune.train.loop import EvalEvent, Interrupted, Resources, TrainResult, predict_logits, resolve_precision, train
+from lmtune.errors import Interrupted
+from lmtune.train.loop import EvalEvent, Resources, TrainResult, train
+from lmtune.train.precision import resolve_precision
 
-__all__ = ["EvalEvent", "Interrupted", "Resources", "TrainResult", "predict_logits", "resolve_precision", "train"]
+__all__ = ["EvalEvent", "Interrupted", "Resources", "TrainResult", "resolve_precision", "train"]

@@ -38,9 +38,15 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, label_names: 
     return out
 
 
+_SHOWN = ("train_loss", "val_loss", "accuracy", "macro_f1", "perplexity", "exact_match", "token_f1", "rougeL", "bleu", "chrf")
+
+
 def format_metrics(m: dict[str, Any]) -> str:
+    """One line of the metrics a run prints after each evaluation (those present: the task decides)."""
     parts = []
-    for key in ("train_loss", "val_loss", "accuracy", "macro_f1"):
+    for key in _SHOWN:
         if key in m and m[key] is not None:
-            parts.append(f"{key} {m[key]:.4f}")
+            v = m[key]
+            parts.append(f"{key} {v:.2f}" if key in ("perplexity", "exact_match", "token_f1", "rougeL", "bleu", "chrf")
+                         else f"{key} {v:.4f}")
     return "  ".join(parts)

@@ -39,7 +39,7 @@ from optuna.trial import TrialState
 from lmtune._console import log
 from lmtune._io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from lmtune.config import RunConfig, SearchConfig, TuneConfig
-from lmtune.errors import ConfigError, DivergenceError, LmtuneError, ModelError, StudyError
+from lmtune.errors import ConfigError, DivergenceError, Interrupted, LmtuneError, ModelError, StudyError
 from lmtune.tune.space import SEARCHABLE, SearchSpace, build_space
 
 STUDY_FILE = "study.json"
@@ -305,9 +305,9 @@ def tune(run: RunConfig, search: SearchConfig | None = None, tc: TuneConfig | No
 
 
 def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -> TuneResult:
-    from lmtune.data import load_data
     from lmtune.models import cache_root, check_max_length, resolve
-    from lmtune.train import Interrupted, Resources, train
+    from lmtune.tasks import resolve_task
+    from lmtune.train import Resources, train
 
     search = search or SearchConfig()
     # lmtune prints one line per trial and a leaderboard; Optuna's own per-trial INFO lines would repeat them.
@@ -317,7 +317,8 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
     t_start = time.time()
     budget = tc.budget_seconds
 
-    bundle = load_data(run.data)
+    task, run = resolve_task(run)  # a concrete task and metric, so every trial and the study agree
+    bundle = task.load_data(run)
     n_train = len(bundle.train)
     declared = search.declared()
     model_names = [m.strip() for m in (declared.get("model") or run.model.name).split(",")]
@@ -326,8 +327,8 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
     longest = _longest(space.dims.get("max_length"), run.train.max_length)
     for name in model_names:  # fail before the study starts, not in every trial
         check_max_length(dataclasses.replace(run.model, name=name), longest, resolve(name, run.model.cache_dir))
-    direction = "minimize" if run.train.metric == "val_loss" else "maximize"
-    meta = {"study_name": tc.study_name, "storage": url, "metric": run.train.metric, "direction": direction,
+    direction = "maximize" if run.train.higher_is_better else "minimize"
+    meta = {"study_name": tc.study_name, "storage": url, "task": task.name, "metric": run.train.metric, "direction": direction,
             "space": space.describe(), "space_json": space.to_json(), "best_dir": "best", "confirmation": "confirm.json",
             "n_trials": tc.n_trials, "data": run.data.__dict__, "base_config": run.to_dict()}
 
@@ -503,7 +504,7 @@ def _run_trial(study, trial, space: SearchSpace, run: RunConfig, tc: TuneConfig,
     t0 = time.time()
 
     def on_evaluate(ev) -> None:
-        history.append({k: ev.metrics.get(k) for k in ("step", "epoch", "train_loss", "val_loss", "accuracy", "macro_f1", "elapsed_s")})
+        history.append({k: v for k, v in ev.metrics.items() if k not in ("lr", "is_best")})
         trial.set_user_attr("history", history)
         # Evaluation k happens at k / evals_per_epoch epochs in every trial, whatever its batch size, so
         # pruners compare trials at the same fraction of training.
@@ -547,7 +548,7 @@ def _run_trial(study, trial, space: SearchSpace, run: RunConfig, tc: TuneConfig,
         log.warning(f"trial {trial.number}: FAIL ({e})")
         raise
     except LmtuneError as e:
-        if type(e).__name__ == "Interrupted":
+        if isinstance(e, Interrupted):
             raise
         trial.set_user_attr("fail_reason", str(e))
         study.tell(trial, state=TrialState.FAIL)

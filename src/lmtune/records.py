@@ -1,0 +1,4 @@
+"""Names of the files lmtune writes, defined once: the training loop, inference and the report all read them."""
+
+RECORD_FILE = "lmtune_run.json"
+"""The run record in a model folder written by `lmtune train`: config, task, data summary, history, best, timing."""

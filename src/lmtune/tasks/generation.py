@@ -1,0 +1,343 @@
+"""Generation: prompt -> completion with the checkpoint's own language-model head.
+
+The loss is on completion (assistant) tokens and the end-of-sequence / end-of-turn token only (unless
+--train-on-prompt), summed per micro-batch and divided by the target tokens of the whole global batch, as TRL's
+completion-only loss and torchtune do. Evaluation: validation loss and perplexity over the target tokens, and,
+on the validation prompts (or a seeded --eval-generate-rows sample of them), greedy batched decoding scored
+against every reference of a prompt with exact match, token F1, ROUGE-L, BLEU and chrF (0-100).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmtune._io import atomic_write_text
+from lmtune.generation_metrics import METRICS
+from lmtune.tasks.classification import pad_multiple, save_model_folder
+
+IGNORE = -100
+TEXT_METRICS = ("exact_match", "token_f1", "rougeL", "bleu", "chrf")
+
+
+class GenerationTask:
+    name = "generation"
+    metrics = METRICS
+    # Validation loss needs no decoding, which costs far more than a loss pass on a CPU; see docs/generation.md.
+    default_metric = "val_loss"
+
+    def __init__(self) -> None:
+        self.cfg: Any = None
+        self.tokenizer: Any = None
+        self.stop_ids: list[int] = []
+        self.max_new_tokens: int | None = None
+        self.template: str | None = None
+
+    # ---- data and model ------------------------------------------------------------------------------
+
+    def load_data(self, cfg: Any) -> Any:
+        from lmtune.data.generation import load_generation_data
+
+        self.cfg = cfg
+        return load_generation_data(cfg.data)
+
+    def describe_data(self, bundle: Any) -> str:
+        s = bundle.summary
+        return (f"data: {s['rows']['train']} training pairs ({s['groups']['train']} prompts), {s['rows']['val']} "
+                f"validation pairs ({s['groups']['val']} prompts, {s['val_source']}); format {s['format']}")
+
+    def load_model(self, cfg: Any, bundle: Any, resolved: Any) -> Any:
+        from lmtune.models.causal import load_causal_lm
+
+        self.cfg = cfg
+        loaded = load_causal_lm(cfg.model, resolved=resolved, max_length=cfg.train.max_length)
+        self.tokenizer = loaded.tokenizer
+        return loaded
+
+    def encode(self, tokenizer: Any, bundle: Any, cfg: Any, cache_dir: str | None) -> tuple[Any, Any]:
+        from lmtune.data.generation import _resolve_template, encode_generation, stop_token_ids
+        from lmtune.decoding import default_max_new_tokens
+
+        self.cfg, self.tokenizer = cfg, tokenizer
+        opts = dict(chat_template=cfg.data.chat_template, train_on_prompt=cfg.train.train_on_prompt, cache_dir=cache_dir)
+        train = encode_generation(tokenizer, bundle.train, cfg.train.max_length, **opts)
+        val = encode_generation(tokenizer, bundle.val, cfg.train.max_length, **opts)
+        self.template = _resolve_template(tokenizer, cfg.data.chat_template)
+        self.stop_ids = stop_token_ids(tokenizer, cfg.data.chat_template)
+        self.max_new_tokens = cfg.train.max_new_tokens or default_max_new_tokens(completion_lengths(train))
+        return train, val
+
+    # ---- loss ----------------------------------------------------------------------------------------
+
+    def loss_units(self, enc: Any, rows: list[int]) -> int:
+        return int(sum(enc.target_tokens[i] for i in rows))
+
+    def loss_sum(self, model: Any, enc: Any, rows: list[int], pad_id: int, device: Any) -> tuple[torch.Tensor, int]:
+        input_ids, attention, labels = _pad(enc, rows, pad_id, device)
+        logits = model(input_ids=input_ids, attention_mask=attention).logits
+        return token_loss_sum(logits, labels), int(attention.sum())
+
+    def chance_loss(self, bundle: Any) -> float:
+        return 0.0  # a pretrained LM's first loss is already meaningful
+
+    # ---- evaluation ----------------------------------------------------------------------------------
+
+    def evaluate(self, model: Any, enc: Any, bundle: Any, batch_size: int, accelerator: Any, pad_id: int,
+                 step: int) -> tuple[dict[str, Any], Any]:
+        loss_sum, tokens = _loss_over(model, enc, batch_size, pad_id, accelerator.device)
+        val_loss = loss_sum / max(1, tokens)
+        metrics: dict[str, Any] = {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}
+        rows = self.cfg.train.eval_generate_rows
+        if rows == 0:
+            return metrics, None
+        scored = generate_and_score(accelerator.unwrap_model(model), self.tokenizer, bundle.val, enc, stop_ids=self.stop_ids,
+                                    max_new_tokens=self.max_new_tokens, batch_size=batch_size, pad_id=pad_id,
+                                    sample=rows, seed=self.cfg.data.split_seed)
+        metrics |= scored["metrics"] | {"generated_prompts": len(scored["examples"])}
+        return metrics, scored["examples"]
+
+    def write_predictions(self, path: Path, bundle: Any, enc: Any, payload: Any) -> None:
+        if payload is None:
+            return
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in payload))
+
+    # ---- output --------------------------------------------------------------------------------------
+
+    def save(self, model: Any, tokenizer: Any, out: Path, cfg: Any, train_enc: Any) -> None:
+        from transformers import GenerationConfig
+
+        from lmtune.models import to_plain_transformers
+
+        if self.template is not None:
+            tokenizer.chat_template = self.template  # pipeline() and apply_chat_template format prompts as lmtune did
+        keep_adapter = cfg.model.method == "lora" and cfg.model.save_adapter
+        final = model if keep_adapter else to_plain_transformers(model)
+        base = final.get_base_model() if keep_adapter else final
+        base.config.use_cache = True
+        stops = list(dict.fromkeys(self.stop_ids))
+        # What transformers' generate() and pipeline() read: stop where lmtune stops, greedy, as long as lmtune decodes.
+        base.generation_config = GenerationConfig(
+            eos_token_id=stops if len(stops) > 1 else stops[0], pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, max_new_tokens=self.max_new_tokens, do_sample=False)
+        save_model_folder(final, tokenizer, out)
+        if keep_adapter:
+            base.generation_config.save_pretrained(out)
+
+    def record(self, cfg: Any, bundle: Any, train_enc: Any, val_enc: Any) -> dict[str, Any]:
+        def lines(enc: Any, table: Any) -> dict[str, Any]:
+            return {"count": len(enc.cut), "lines": enc.cut[:50]}
+
+        return {
+            "data": bundle.summary | {
+                "max_length": cfg.train.max_length,
+                "cut": {"train": lines(train_enc, bundle.train), "val": lines(val_enc, bundle.val)},
+                "completion_too_long": {"train": {"count": len(train_enc.completion_too_long),
+                                                  "lines": train_enc.completion_too_long[:50]},
+                                        "val": {"count": len(val_enc.completion_too_long),
+                                                "lines": val_enc.completion_too_long[:50]}},
+                "truncated": {"train": len(train_enc.cut), "val": len(val_enc.cut)},
+                "token_lengths": {"train_prompt": [len(p) for p in train_enc.prompt_ids],
+                                  "train_completion": completion_lengths(train_enc),
+                                  "train": list(map(int, train_enc.lengths)), "val": list(map(int, val_enc.lengths))},
+            },
+            "generation": {"chat_template": "model" if self.template is not None and cfg.data.chat_template == "auto"
+                           else cfg.data.chat_template if self.template is not None else "none",
+                           "stop_token_ids": self.stop_ids, "max_new_tokens": self.max_new_tokens,
+                           "train_on_prompt": cfg.train.train_on_prompt},
+        }
+
+
+def completion_lengths(enc: Any) -> list[int]:
+    """Target tokens per row: the completion and its end token (what --max-new-tokens must cover)."""
+    return [int(n) for n in enc.target_tokens]
+
+
+def _pad(enc: Any, rows: list[int], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and labels (-100 on padding) of ``rows``."""
+    width = max(len(enc.input_ids[i]) for i in rows)
+    multiple = pad_multiple(device)
+    if multiple:
+        width = -(-width // multiple) * multiple
+    ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for r, i in enumerate(rows):
+        k = len(enc.input_ids[i])
+        ids[r, :k] = torch.as_tensor(enc.input_ids[i])
+        mask[r, :k] = 1
+        labels[r, :k] = torch.as_tensor(enc.labels[i])
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of each position's prediction of the next token, over positions with a label."""
+    shift_logits = logits[:, :-1, :]
+    shift_labels = labels[:, 1:]
+    keep = shift_labels != IGNORE
+    # Only the positions with a target go through the fp32 softmax: the prompt is most of a row, and a
+    # full [batch, length, vocabulary] fp32 copy is the largest tensor of a step.
+    return torch.nn.functional.cross_entropy(shift_logits[keep].float(), shift_labels[keep], reduction="sum")
+
+
+@torch.inference_mode()
+def _loss_over(model: Any, enc: Any, batch_size: int, pad_id: int, device: Any) -> tuple[float, int]:
+    """Summed target-token loss and target tokens over every row of ``enc`` (longest batches first)."""
+    from lmtune.data.batching import LengthGroupedSampler
+
+    total, tokens = 0.0, 0
+    for idx in LengthGroupedSampler(enc.lengths, batch_size, shuffle=False, group_by_length=True).batches(0):
+        rows = [int(i) for i in idx]
+        n = sum(enc.target_tokens[i] for i in rows)
+        if not n:
+            continue
+        ids, mask, labels = _pad(enc, rows, pad_id, device)
+        total += float(token_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels))
+        tokens += n
+    return total, tokens
+
+
+def generate_and_score(model: Any, tokenizer: Any, table: Any, enc: Any, *, stop_ids: list[int], max_new_tokens: int,
+                       batch_size: int, pad_id: int, sample: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """Decode one completion per prompt group of ``table`` (or a seeded sample of ``sample`` groups) and score it
+    against all the group's references. Returns the corpus metrics and one row per prompt, best first."""
+    from lmtune.decoding import decode, generate
+    from lmtune.generation_metrics import example_scores, generation_metrics
+
+    groups = list(table.groups().values())
+    if sample is not None and sample < len(groups):
+        pick = np.random.default_rng(seed).permutation(len(groups))[:sample]
+        groups = [groups[int(g)] for g in sorted(pick)]
+    prompts = [enc.prompt_ids[g[0]] for g in groups]
+    out_ids = generate(model, prompts, pad_id=pad_id, stop_ids=stop_ids, max_new_tokens=max_new_tokens,
+                       batch_size=batch_size)
+    predictions = decode(tokenizer, out_ids)
+    references = [[table.examples[i].completion for i in g] for g in groups]
+    metrics = generation_metrics(predictions, references)
+    per = example_scores(predictions, references)
+    examples = [{"line": table.examples[g[0]].line, "prompt": table.examples[g[0]].prompt, "references": refs,
+                 "prediction": pred, **{k: round(v, 4) for k, v in score.items()}}
+                for g, refs, pred, score in zip(groups, references, predictions, per)]
+    examples.sort(key=lambda r: -r.get("rougeL", 0.0))
+    return {"metrics": metrics, "examples": examples}
+
+
+# ---- a saved folder: evaluate and predict --------------------------------------------------------------------
+
+
+class Generator:
+    """A saved causal LM ready for evaluate/predict, with the settings it was trained with."""
+
+    def __init__(self, model_dir: str, *, max_new_tokens: int | None = None):
+        from transformers import AutoModelForCausalLM
+
+        from lmtune.errors import ModelError
+        from lmtune.models import load_tokenizer
+        from lmtune.records import RECORD_FILE
+
+        from lmtune.train.loop import quiet_libraries
+
+        quiet_libraries()
+        path = Path(model_dir)
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise ModelError(f"{model_dir}: not a model folder (no config.json); pass the --out folder of `lmtune train`")
+        record_file = path / RECORD_FILE
+        self.record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
+        except Exception as e:
+            raise ModelError(f"{model_dir}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        self.model.eval()
+        if torch.cuda.is_available():
+            self.model.to("cuda")
+        self.tokenizer = load_tokenizer(str(path))
+        gen = self.record.get("generation") or {}
+        cfg = self.record.get("config") or {}
+        # "none" when training used no template: the saved tokenizer may still carry the base model's.
+        self.chat_template = "none" if gen.get("chat_template") == "none" else "auto"
+        self.data_cfg = cfg.get("data") or {}
+        # Trained on chat rows (roles) without a template: a bare prompt is the user's turn, rendered as in training.
+        self.chat_rows = (self.record.get("data") or {}).get("format") in ("openai-chat", "hf-conversational",
+                                                                           "hf-prompt-completion")
+        from lmtune.data.generation import stop_token_ids
+        from lmtune.models.classifier import max_positions
+
+        self.stop_ids = gen.get("stop_token_ids") or stop_token_ids(self.tokenizer, self.chat_template)
+        saved_max = getattr(self.model.generation_config, "max_new_tokens", None)
+        self.max_new_tokens = int(max_new_tokens or gen.get("max_new_tokens") or saved_max or 128)
+        limit = max_positions(self.model.config) or 2048
+        self.max_length = min(int((cfg.get("train") or {}).get("max_length") or limit), limit)
+
+    def read(self, path: str, *, require_completion: bool, prompt_column: str | None = None,
+             completion_column: str | None = None, prompt_template: str | None = None, empty_text: str = "error"):
+        """Read a file with the training run's column settings unless given."""
+        from lmtune.data.generation import read_generation_table
+
+        d = self.data_cfg
+        return read_generation_table(path, prompt_column=prompt_column or d.get("prompt_column"),
+                                     completion_column=completion_column or d.get("completion_column"),
+                                     prompt_template=prompt_template or d.get("prompt_template"),
+                                     require_completion=require_completion, empty_text=empty_text)
+
+    def encode(self, table: Any) -> Any:
+        from dataclasses import replace
+
+        from lmtune.data.generation import encode_generation
+
+        if self.chat_rows:
+            table = replace(table, examples=[replace(e, plain=False) for e in table.examples])
+
+        # A prompt must leave room for the completion within the model's positions.
+        return encode_generation(self.tokenizer, table, max(4, self.max_length), chat_template=self.chat_template)
+
+
+def evaluate_generation(model_dir: str, data_file: str, *, batch_size: int = 16, output: str | None = None,
+                        max_new_tokens: int | None = None, empty_text: str = "error", **columns: str | None) -> dict[str, Any]:
+    """Loss, perplexity and the text metrics of a saved generation model on a file with references; every
+    prediction is written beside its references (``<output stem>.predictions.jsonl``)."""
+    from lmtune._io import atomic_write_json
+
+    g = Generator(model_dir, max_new_tokens=max_new_tokens)
+    table = g.read(data_file, require_completion=True, empty_text=empty_text, **columns)
+    enc = g.encode(table)
+    device = next(g.model.parameters()).device
+    loss_sum, tokens = _loss_over(g.model, enc, batch_size, g.tokenizer.pad_token_id, device)
+    scored = generate_and_score(g.model, g.tokenizer, table, enc, stop_ids=g.stop_ids, max_new_tokens=g.max_new_tokens,
+                                batch_size=batch_size, pad_id=g.tokenizer.pad_token_id)
+    val_loss = loss_sum / max(1, tokens)
+    out = Path(output) if output else Path(model_dir) / "eval" / f"{Path(data_file).stem}.json"
+    predictions = out.with_suffix(".predictions.jsonl")
+    atomic_write_text(predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored["examples"]))
+    result = {"task": "generation", "model_dir": str(model_dir), "data_file": str(data_file), "n": len(table),
+              "prompts": len(scored["examples"]), "loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0)),
+              **scored["metrics"], "max_new_tokens": g.max_new_tokens, "skipped": table.skipped,
+              "cut": len(enc.cut), "predictions_file": str(predictions)}
+    atomic_write_json(out, result)
+    result["output"] = str(out)
+    return result
+
+
+def predict_generation(model_dir: str, data: Any, *, batch_size: int = 16, max_new_tokens: int | None = None,
+                       empty_text: str = "error", **columns: str | None) -> list[dict[str, Any]]:
+    """Completions for a file (any layout training reads; a completion, if present, is ignored), a list of prompt
+    strings, or a GenTable (whose line numbers the rows keep)."""
+    from lmtune.data.generation import GenExample, GenTable, Message
+    from lmtune.decoding import decode, generate
+
+    g = Generator(model_dir, max_new_tokens=max_new_tokens)
+    if isinstance(data, GenTable):
+        table = data
+    elif isinstance(data, list):
+        table = GenTable("<input>", [GenExample([Message("user", t)], i + 1, True) for i, t in enumerate(data)],
+                         "columns", None, None)
+    else:
+        table = g.read(data, require_completion=False, empty_text=empty_text, **columns)
+    enc = g.encode(table)
+    out_ids = generate(g.model, enc.prompt_ids, pad_id=g.tokenizer.pad_token_id, stop_ids=g.stop_ids,
+                       max_new_tokens=g.max_new_tokens, batch_size=batch_size)
+    return [{"line": ex.line, "prompt": ex.prompt, "completion": text}
+            for ex, text in zip(table.examples, decode(g.tokenizer, out_ids))]

@@ -1,0 +1,115 @@
+"""One contract, every task: the same checks run against classification and generation (and on Llama- and
+GPT-2-shaped tiny models), so the loop's promises hold whatever is learned."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import lmtune
+from lmtune.cli import main
+
+TASKS = ["classification", "generation"]
+ARCHS = ["tiny_llama", "tiny_gpt2"]
+
+
+def files_for(task: str, sentiment_files, generation_files) -> dict[str, str]:
+    return sentiment_files if task == "classification" else generation_files
+
+
+def run_config(task: str, model: str, files: dict[str, str], out: Path, **train) -> lmtune.RunConfig:
+    settings = dict(learning_rate=3e-3, global_batch_size=16, epochs=2, precision="fp32", progress=False,
+                    max_length=48) | train
+    return lmtune.RunConfig(data=lmtune.DataConfig(train_file=files["train"], val_file=files["val"]),
+                            model=lmtune.ModelConfig(name=model), train=lmtune.TrainConfig(**settings),
+                            output_dir=str(out), report=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("task", TASKS)
+def test_it_learns_and_saves_a_folder_plain_transformers_loads(task, arch, request, sentiment_files, generation_files,
+                                                                tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    model = request.getfixturevalue(arch)
+    result = lmtune.train(run_config(task, model, files_for(task, sentiment_files, generation_files), tmp_path / "run",
+                                     epochs=3))
+    assert result.record["task"] == task  # detected from the data: no --task given
+    losses = [h["val_loss"] for h in result.history]
+    assert losses[-1] < losses[0], losses
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    loaded = auto.from_pretrained(tmp_path / "run")
+    assert type(loaded).__name__.endswith("ForSequenceClassification") == (task == "classification")
+    assert lmtune.inference.task_of(str(tmp_path / "run")) == task
+    assert (tmp_path / "run" / "val_predictions.jsonl").is_file() and (tmp_path / "run" / "curve.csv").is_file()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_halving_the_micro_batch_gives_the_same_optimisation(task, tiny_llama, sentiment_files, generation_files, tmp_path):
+    """The loss of a micro-batch is divided by the units (rows, or target tokens) of the whole global batch, so
+    cutting a step into 1 or 8 micro-batches gives the same gradient: what out-of-memory back-off relies on."""
+    files = files_for(task, sentiment_files, generation_files)
+    whole = lmtune.train(run_config(task, tiny_llama, files, tmp_path / "a", epochs=1, micro_batch_size=16))
+    parts = lmtune.train(run_config(task, tiny_llama, files, tmp_path / "b", epochs=1, micro_batch_size=2))
+    assert [h["val_loss"] for h in parts.history] == pytest.approx([h["val_loss"] for h in whole.history], rel=1e-5)
+    assert parts.record["micro_batch_size_used"] == 2
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_evaluate_and_predict_dispatch_on_the_record(task, tiny_llama, sentiment_files, generation_files, tmp_path, capsys):
+    files = files_for(task, sentiment_files, generation_files)
+    out = tmp_path / "run"
+    lmtune.train(run_config(task, tiny_llama, files, out, epochs=1))
+    result = lmtune.evaluate(str(out), files["test"])
+    assert result["n"] == (40 if task == "classification" else 16)
+    assert ("accuracy" in result) == (task == "classification") and ("bleu" in result) == (task == "generation")
+    rows = lmtune.predict(str(out), files["test"])
+    first_lines = [2, 3] if task == "classification" else [1, 2]  # a TSV header is line 1; JSON lines have none
+    assert len(rows) == result["n"] and [r["line"] for r in rows][:2] == first_lines
+    assert ("label" in rows[0]) == (task == "classification") and ("completion" in rows[0]) == (task == "generation")
+
+
+@pytest.mark.parametrize("task,bad,needle", [
+    ("classification", "text\tlabel\ngood film\tpos\n\tneg\n", "empty text"),
+    ("generation", '{"messages": [{"role": "user", "content": "hi"}]}\n', "assistant"),
+])
+def test_bad_input_is_one_line_and_trains_nothing(task, bad, needle, tiny_llama, tmp_path, capsys):
+    data = tmp_path / ("bad.tsv" if task == "classification" else "bad.jsonl")
+    data.write_text(bad)
+    code = main(["train", "--model", tiny_llama, "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err and str(data) in err, err
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_metric_of_the_other_task_is_refused(task, tiny_llama, sentiment_files, generation_files, tmp_path, capsys):
+    files = files_for(task, sentiment_files, generation_files)
+    other = "bleu" if task == "classification" else "accuracy"
+    code = main(["train", "--model", tiny_llama, "--data", files["train"], "--metric", other, "--out", str(tmp_path / "o")])
+    assert code == 2 and f"--metric {other} is not a {task} metric" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_search_runs_on_every_task(task, tiny_llama, sentiment_files, generation_files, tmp_path):
+    files = files_for(task, sentiment_files, generation_files)
+    out = tmp_path / "study"
+    code = main(["tune", "--model", tiny_llama, "--data", files["train"], "--val-file", files["val"], "--out", str(out),
+                 "--n-trials", "2", "--epochs", "1", "--batch-size", "16", "--max-length", "48", "--lr", "1e-3..5e-3:log",
+                 "--confirm-seeds", "0", "--no-report"])
+    assert code == 0
+    meta = json.loads((out / "study.json").read_text())
+    assert meta["task"] == task and meta["direction"] == "maximize" if task == "classification" else "minimize"
+    assert json.loads((out / "best" / "lmtune_run.json").read_text())["task"] == task

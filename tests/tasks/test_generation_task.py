@@ -1,0 +1,115 @@
+"""Generation through the verbs: what a user notices (the folder answers through plain transformers the way lmtune
+does, the loss is on the completion only, long rows are counted, LoRA adapters can be kept)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lmtune
+from lmtune.cli import main
+
+
+def gen_config(model, files, out, **train):
+    settings = dict(learning_rate=3e-3, global_batch_size=16, epochs=1, precision="fp32", progress=False, max_length=48) | train
+    return lmtune.RunConfig(data=lmtune.DataConfig(train_file=files["train"], val_file=files["val"]),
+                            model=lmtune.ModelConfig(name=model), train=lmtune.TrainConfig(**settings),
+                            output_dir=str(out), report=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama, generation_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "run"
+    torch.set_num_threads(1)
+    lmtune.train(gen_config(tiny_llama, generation_files, out, epochs=2))
+    return out
+
+
+def test_pipeline_answers_a_prompt_the_way_lmtune_does(trained):
+    from transformers import pipeline
+
+    prompt = "repeat: good film"
+    ours = lmtune.predict(str(trained), [prompt])[0]["completion"]
+    pipe = pipeline("text-generation", model=str(trained))
+    theirs = pipe(prompt, return_full_text=False)[0]["generated_text"]
+    assert theirs.strip() == ours
+    config = json.loads((trained / "generation_config.json").read_text())
+    assert config["do_sample"] is False and config["max_new_tokens"] >= 1 and config["eos_token_id"] is not None
+
+
+def test_validation_loss_is_over_completion_tokens_only(trained, generation_files):
+    """The recorded validation loss equals the mean cross-entropy of the completion and EOS tokens, computed here
+    with plain transformers; the prompt's tokens do not count."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(trained).eval()
+    tok = AutoTokenizer.from_pretrained(trained)
+    rows = [json.loads(line) for line in open(generation_files["val"])]
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            p, c = tok(r["prompt"])["input_ids"], tok(r["completion"])["input_ids"] + [tok.eos_token_id]
+            logits = model(torch.tensor([p + c])).logits[0]
+            logp = torch.log_softmax(logits[len(p) - 1:-1], dim=-1)
+            total -= float(logp[torch.arange(len(c)), torch.tensor(c)].sum())
+            n += len(c)
+    record = json.loads((trained / "lmtune_run.json").read_text())
+    assert record["best"]["val_loss"] == pytest.approx(total / n, rel=1e-4)
+    assert record["best"]["perplexity"] == pytest.approx(torch.exp(torch.tensor(total / n)).item(), rel=1e-4)
+
+
+def test_train_on_prompt_puts_the_loss_on_every_token(tiny_llama, generation_files, tmp_path):
+    only = lmtune.train(gen_config(tiny_llama, generation_files, tmp_path / "a", max_steps=1))
+    every = lmtune.train(gen_config(tiny_llama, generation_files, tmp_path / "b", max_steps=1, train_on_prompt=True))
+    assert every.record["timing"]["train_tokens"] == only.record["timing"]["train_tokens"]
+    assert every.history[0]["val_loss"] != only.history[0]["val_loss"]  # more (and other) tokens are scored
+
+
+def test_too_long_rows_keep_the_completion_and_are_counted(tiny_llama, tmp_path):
+    long_prompt = "repeat: " + " ".join(["good film"] * 30)
+    rows = [{"prompt": long_prompt if i % 4 == 0 else "repeat: good film", "completion": "good film"} for i in range(40)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = lmtune.train(lmtune.RunConfig(data=lmtune.DataConfig(train_file=str(tmp_path / "d.jsonl")),
+                                           model=lmtune.ModelConfig(name=tiny_llama),
+                                           train=lmtune.TrainConfig(max_length=16, epochs=1, precision="fp32",
+                                                                    progress=False, eval_generate_rows=0),
+                                           output_dir=str(tmp_path / "o"), report=False))
+    cut = result.record["data"]["cut"]
+    assert cut["train"]["count"] + cut["val"]["count"] == 10
+    assert all(line % 4 == 1 for line in cut["train"]["lines"])  # JSON lines 1, 5, 9, ...
+    assert "bleu" not in result.best  # --eval-generate-rows 0: loss and perplexity only
+
+
+def test_eval_generate_rows_samples_prompts(tiny_llama, generation_files, tmp_path):
+    r = lmtune.train(gen_config(tiny_llama, generation_files, tmp_path / "o", max_steps=1, eval_generate_rows=5))
+    assert r.best["generated_prompts"] == 5 and 0 <= r.best["rougeL"] <= 100
+    lines = (tmp_path / "o" / "val_predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and {"prompt", "references", "prediction", "rougeL"} <= set(json.loads(lines[0]))
+
+
+def test_lora_merged_by_default_or_kept_as_an_adapter(tiny_llama, generation_files, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    common = ["train", "--model", tiny_llama, "--data", generation_files["train"], "--val-file", generation_files["val"],
+              "--method", "lora", "--max-steps", "2", "--precision", "fp32", "--no-progress", "--no-report",
+              "--max-length", "48"]
+    assert main(common + ["--out", str(tmp_path / "merged")]) == 0
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert main(common + ["--save-adapter", "--out", str(tmp_path / "adapter")]) == 0
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    rows = lmtune.predict(str(tmp_path / "adapter"), ["repeat: good film"])
+    assert rows[0]["line"] == 1 and isinstance(rows[0]["completion"], str)
+
+
+def test_openai_chat_file_trains_as_it_is(tiny_llama, generation_files, tmp_path, capsys):
+    code = main(["train", "--model", tiny_llama, "--data", generation_files["chat"], "--max-steps", "2", "--precision",
+                 "fp32", "--no-progress", "--no-report", "--max-length", "96", "--out", str(tmp_path / "o")])
+    assert code == 0
+    record = json.loads((tmp_path / "o" / "lmtune_run.json").read_text())
+    assert record["task"] == "generation" and record["data"]["format"] == "openai-chat"
+    capsys.readouterr()
+    code = main(["predict", str(tmp_path / "o"), generation_files["test"]])
+    assert code == 0 and len(capsys.readouterr().out.strip().splitlines()) == 16
