@@ -1,6 +1,10 @@
-"""The quality floor: TF-IDF + logistic regression on the same rows a fine-tune sees.
+"""Quality floors a fine-tuned model must clear, on the same rows a fine-tune sees.
 
     python -m bench.baselines tfidf --train train.tsv --test test.tsv [--val validation.tsv] [--rows 2000]
+    python -m bench.baselines nearest --train e2e/train.csv --test e2e/test.csv --prompt-column mr --completion-column ref
+
+``tfidf``: TF-IDF + logistic regression (classification). ``nearest``: for generation, the reference of the most
+similar training prompt (TF-IDF cosine), scored with the same multi-reference metrics as lmtune.
 
 Rows are drawn with lmtune's own stratified sampler and split seed, so the baseline and ``lmtune train
 --max-train-rows N`` train on exactly the same examples.
@@ -53,6 +57,44 @@ def tfidf_baseline(train_file: str, test_file: str, *, rows: int | None = None, 
             "seconds": round(time.time() - t0, 2)}
 
 
+def nearest_neighbour_baseline(train_file: str, test_file: str, *, prompt_column: str | None = None,
+                               completion_column: str | None = None, prompt_template: str | None = None,
+                               rows: int | None = None, seed: int = 42) -> dict[str, Any]:
+    """Answer each test prompt with the first reference of the most similar training prompt (TF-IDF, word 1-2 grams
+    + char 2-5 grams, cosine); score against all the test prompt's references (exact match, token F1, ROUGE-L,
+    BLEU, chrF, 0-100)."""
+    import numpy as np
+    from scipy.sparse import hstack
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from lmtune.config import DataConfig
+    from lmtune.data.generation import load_generation_data, read_generation_table
+    from lmtune.generation_metrics import generation_metrics
+
+    cfg = DataConfig(train_file=train_file, val_file=test_file, prompt_column=prompt_column,
+                     completion_column=completion_column, prompt_template=prompt_template, max_train_rows=rows,
+                     split_seed=seed)
+    bundle = load_generation_data(cfg)
+    test = read_generation_table(test_file, prompt_column=prompt_column, completion_column=completion_column,
+                                 prompt_template=prompt_template)
+    t0 = time.time()
+    train_groups = list(bundle.train.groups().values())
+    train_prompts = [bundle.train.examples[g[0]].prompt for g in train_groups]
+    test_groups = list(test.groups().values())
+    test_prompts = [test.examples[g[0]].prompt for g in test_groups]
+    word = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    char = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)
+    X = hstack([word.fit_transform(train_prompts), char.fit_transform(train_prompts)]).tocsr()
+    Q = hstack([word.transform(test_prompts), char.transform(test_prompts)]).tocsr()
+    nearest = np.asarray((Q @ X.T).toarray().argmax(axis=1)).ravel()
+    predictions = [bundle.train.examples[train_groups[int(j)][0]].completion for j in nearest]
+    references = [[test.examples[i].completion for i in g] for g in test_groups]
+    return {"baseline": "nearest-neighbour (TF-IDF)", "train_rows": len(bundle.train), "train_prompts": len(train_groups),
+            "test_rows": len(test), "test_prompts": len(test_groups),
+            **{f"test_{k}": v for k, v in generation_metrics(predictions, references).items()},
+            "seconds": round(time.time() - t0, 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.baselines")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -64,7 +106,24 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--text-column")
     t.add_argument("--label-column")
     t.add_argument("--json", action="store_true")
+    n = sub.add_parser("nearest", help="generation: the reference of the nearest training prompt (TF-IDF)")
+    n.add_argument("--train", required=True)
+    n.add_argument("--test", required=True)
+    n.add_argument("--rows", type=int)
+    n.add_argument("--prompt-column")
+    n.add_argument("--completion-column")
+    n.add_argument("--prompt-template")
+    n.add_argument("--json", action="store_true")
     ns = p.parse_args(argv)
+    if ns.cmd == "nearest":
+        r = nearest_neighbour_baseline(ns.train, ns.test, prompt_column=ns.prompt_column,
+                                       completion_column=ns.completion_column, prompt_template=ns.prompt_template,
+                                       rows=ns.rows)
+        print(json.dumps(r, indent=2) if ns.json else
+              f"nearest neighbour on {r['train_rows']} training rows ({r['train_prompts']} prompts): test "
+              + ", ".join(f"{k.removeprefix('test_')} {r[k]:.2f}" for k in r if k.startswith("test_") and k not in
+                          ("test_rows", "test_prompts")) + f" ({r['test_prompts']} test prompts)")
+        return 0
     r = tfidf_baseline(ns.train, ns.test, rows=ns.rows, val_file=ns.val, text_column=ns.text_column,
                        label_column=ns.label_column)
     if ns.json:

@@ -42,3 +42,16 @@ def progress(total: int, desc: str, enabled: bool, initial: int = 0, leave: bool
 
     return tqdm(total=total, desc=desc, disable=not enabled, initial=initial, leave=leave,
                 dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+
+
+def quiet_libraries() -> None:
+    """No progress bars from transformers or huggingface_hub (loading, converting, writing weights): lmtune shows
+    its own, here, when asked for."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:  # save_pretrained's "Writing model shards" bar comes from huggingface_hub
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    except ImportError:
+        pass

@@ -207,7 +207,6 @@ def format_evaluation(r: dict[str, Any]) -> str:
 
 
 def cmd_predict(ns: argparse.Namespace) -> int:
-    from lmtune.errors import DataError
     from lmtune.inference import predict
 
     if ns.input == "-":

@@ -61,7 +61,7 @@ def load(model_dir: str, *, precision: str = "auto", max_length: int | None = No
 
     from lmtune.models import load_tokenizer
     from lmtune.records import RECORD_FILE
-    from lmtune.train.loop import quiet_libraries
+    from lmtune._console import quiet_libraries
     from lmtune.train.precision import resolve_precision
 
     path = Path(model_dir)

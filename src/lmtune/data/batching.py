@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmtune._io import atomic_save_npz
 from lmtune.data.reading import Table
 
 __all__ = ["Encoded", "encode", "LengthGroupedSampler", "collate", "restore_order", "tokenizer_fingerprint"]
@@ -117,21 +117,9 @@ def _save(path: str, enc: Encoded) -> None:
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     flat = np.fromiter((t for row in enc.input_ids for t in row), dtype=np.int64, count=int(offsets[-1]))
     labels = np.asarray([] if enc.labels is None else enc.labels, dtype=np.int64)
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f, ids=flat, offsets=offsets, labels=labels, has_labels=np.asarray(enc.labels is not None),
-                truncated=np.asarray(enc.truncated, dtype=np.int64),
-            )  # fmt: skip
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # readers see the old file or the whole new one, never half of it
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # readers see the old file or the whole new one, never half of it
+    atomic_save_npz(path, ids=flat, offsets=offsets, labels=labels, has_labels=np.asarray(enc.labels is not None),
+                    truncated=np.asarray(enc.truncated, dtype=np.int64))
 
 
 def _load(path: str, n_rows: int) -> Encoded | None:

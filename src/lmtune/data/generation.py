@@ -52,7 +52,6 @@ import json
 import math
 import os
 import string
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -60,19 +59,16 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lmtune._io import atomic_save_npz
 from lmtune.data.batching import tokenizer_fingerprint
 from lmtune.data.reading import (
-    SUPPORTED_SUFFIXES,
     _find,
+    _read_delimited,
     _looks_like_label,
     _names,
     _Raw,
-    _read_delimited,
-    _read_json,
-    _read_jsonl,
-    _read_parquet,
-    _read_utf8,
     _text_str,
+    read_raw,
 )
 from lmtune.errors import ConfigError, DataError
 
@@ -186,33 +182,7 @@ class GenTable:
 
 
 def _read_raw(p: str) -> _Raw:
-    if not os.path.exists(p):
-        raise DataError(f"{p}: no such file")
-    if os.path.isdir(p):
-        raise DataError(f"{p}: is a folder, expected a data file ({', '.join(SUPPORTED_SUFFIXES)})")
-    suffix = Path(p).suffix.lower()
-    if suffix not in SUPPORTED_SUFFIXES:
-        raise DataError(f"{p}: unknown file type '{suffix}'; use one of {', '.join(SUPPORTED_SUFFIXES)}")
-    if os.path.getsize(p) == 0:
-        raise DataError(f"{p}: the file is empty (0 bytes)")
-    if suffix in (".parquet", ".pq"):
-        raw = _read_parquet(p)
-    else:
-        text = _read_utf8(p)
-        if not text.strip():
-            raise DataError(f"{p}: the file is empty (only whitespace)")
-        try:
-            if suffix in (".csv", ".tsv", ".tab"):
-                raw = _read_delimited(p, text, "," if suffix == ".csv" else "\t")
-            elif suffix == ".json":
-                raw = _read_json(p, text)
-            else:
-                raw = _read_jsonl(p, text)
-        except DataError as e:
-            # The shared JSON-lines reader's hint names the classification layout; name ours instead.
-            ours = '{"messages": [...]} or {"prompt": ..., "completion": ...}'
-            msg = str(e).replace('{"text": ..., "label": ...}', ours)
-            raise DataError(msg) from None
+    raw = read_raw(p, layout='{"messages": [...]} or {"prompt": ..., "completion": ...}')
     if not raw.line_numbers:
         raise DataError(f"{p}: no data rows (only a header)" if raw.location == "line" else f"{p}: no data rows")
     return raw
@@ -1030,20 +1000,8 @@ def _save(path: str, enc: GenEncoded) -> None:
     ids, off = _flat(enc.input_ids)
     labels, loff = _flat(enc.labels)
     prompts, poff = _flat(enc.prompt_ids)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f, ids=ids, offsets=off, labels=labels, label_offsets=loff, prompts=prompts, prompt_offsets=poff,
-                cut=np.asarray(enc.cut, dtype=np.int64), too_long=np.asarray(enc.completion_too_long, dtype=np.int64),
-            )  # fmt: skip
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_save_npz(path, ids=ids, offsets=off, labels=labels, label_offsets=loff, prompts=prompts, prompt_offsets=poff,
+                    cut=np.asarray(enc.cut, dtype=np.int64), too_long=np.asarray(enc.completion_too_long, dtype=np.int64))
 
 
 def _load(path: str, n_rows: int) -> GenEncoded | None:

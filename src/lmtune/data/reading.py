@@ -152,6 +152,20 @@ def read_table(
     ``empty_text`` / ``missing_label`` say whether an empty cell is an error or a counted skip.
     """
     p = str(path)
+    raw = read_raw(p)
+    if not raw.line_numbers:
+        raise DataError(f"{p}: no data rows (only a header)" if raw.location == "line" else f"{p}: no data rows")
+
+    text_col, pair_col, label_col = _resolve_columns(
+        p, raw, text_column, text_pair_column, label_column, require_labels
+    )
+    return _build(p, raw, text_col, pair_col, label_col, require_labels, empty_text, missing_label)
+
+
+def read_raw(p: str, *, layout: str = '{"text": ..., "label": ...}') -> _Raw:
+    """The cells of one data file by column, before any column is chosen; the format comes from the extension.
+    Every problem is a one-line DataError naming the file (and line); ``layout`` is the JSON object a JSON-lines
+    row should be, for the error that finds something else."""
     if not os.path.exists(p):
         raise DataError(f"{p}: no such file")
     if os.path.isdir(p):
@@ -171,16 +185,10 @@ def read_table(
         if suffix in (".csv", ".tsv", ".tab"):
             raw = _read_delimited(p, text, "," if suffix == ".csv" else "\t")
         elif suffix == ".json":
-            raw = _read_json(p, text)
+            raw = _read_json(p, text, layout)
         else:
-            raw = _read_jsonl(p, text)
-    if not raw.line_numbers:
-        raise DataError(f"{p}: no data rows (only a header)" if raw.location == "line" else f"{p}: no data rows")
-
-    text_col, pair_col, label_col = _resolve_columns(
-        p, raw, text_column, text_pair_column, label_column, require_labels
-    )
-    return _build(p, raw, text_col, pair_col, label_col, require_labels, empty_text, missing_label)
+            raw = _read_jsonl(p, text, layout)
+    return raw
 
 
 # ---------------------------------------------------------------------------------------------- formats
@@ -414,7 +422,7 @@ def _check_keys(path: str, where: str, obj: Any) -> None:
         raise DataError(f"{path}: {where}: key '{obj.key}' appears twice in one object")
 
 
-def _read_jsonl(path: str, text: str) -> _Raw:
+def _read_jsonl(path: str, text: str, layout: str = '{"text": ..., "label": ...}') -> _Raw:
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
     skipped: dict[str, int] = {}
@@ -432,21 +440,21 @@ def _read_jsonl(path: str, text: str) -> _Raw:
             raise DataError(f"{path}: line {i}: not valid JSON ({e.msg} at character {e.colno})") from None
         if not isinstance(obj, dict):
             found = type(obj).__name__
-            raise DataError(f'{path}: line {i}: expected a JSON object {{"text": ..., "label": ...}}, found {found}')
+            raise DataError(f"{path}: line {i}: expected a JSON object {layout}, found {found}")
         _check_keys(path, f"line {i}", obj)
         rows.append(obj)
         lines.append(i)
     return _Raw(_rows_to_columns(rows), lines, "line", skipped)
 
 
-def _read_json(path: str, text: str) -> _Raw:
+def _read_json(path: str, text: str, layout: str = '{"text": ..., "label": ...}') -> _Raw:
     try:
         obj = json.loads(text, object_pairs_hook=_object)
     except json.JSONDecodeError:
-        return _read_jsonl(path, text)  # most ".json" data files are really JSON lines
+        return _read_jsonl(path, text, layout)  # most ".json" data files are really JSON lines
     if isinstance(obj, dict):
         # One object is also a valid JSON-lines file with one record.
-        return _read_jsonl(path, text)
+        return _read_jsonl(path, text, layout)
     if not isinstance(obj, list):
         raise DataError(f"{path}: expected a list of objects or JSON lines, found a JSON {type(obj).__name__}")
     for i, r in enumerate(obj, start=1):

@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmtune._console import log
 from lmtune.errors import ModelError
 from lmtune.models.aliases import ALIASES, Alias
 
@@ -129,6 +130,11 @@ def gguf_to_folder(gguf: Path, cache_dir: str | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from lmtune._console import quiet_libraries
+
+        quiet_libraries()  # the one-off conversion says one line, not three progress bars
+        log.info(f"converting {gguf.name} to a cached safetensors folder once ({target.parent})")
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

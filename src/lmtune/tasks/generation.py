@@ -239,7 +239,7 @@ class Generator:
         from lmtune.models import load_tokenizer
         from lmtune.records import RECORD_FILE
 
-        from lmtune.train.loop import quiet_libraries
+        from lmtune._console import quiet_libraries
 
         quiet_libraries()
         path = Path(model_dir)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmtune._console import log, progress
+from lmtune._console import log, progress, quiet_libraries
 from lmtune._io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from lmtune.config import RunConfig
 from lmtune.data.batching import LengthGroupedSampler
@@ -242,18 +242,6 @@ def _accelerator(cfg: RunConfig) -> tuple[Any, str]:
     # bf16-master computes in a bf16 model itself: no autocast on top.
     accelerator = Accelerator(mixed_precision="no" if mixed == MASTER else mixed, cpu=not torch.cuda.is_available())
     return accelerator, mixed
-
-
-def quiet_libraries() -> None:
-    """No progress bars from transformers or huggingface_hub: lmtune prints through its own console helper."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    try:  # save_pretrained's "Writing model shards" bar comes from huggingface_hub
-        from huggingface_hub.utils import disable_progress_bars
-        disable_progress_bars()
-    except ImportError:
-        pass
 
 
 def _setup(cfg: RunConfig, task: Any, resources: Resources | None, say) -> _Session:
