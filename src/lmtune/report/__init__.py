@@ -2,7 +2,9 @@
 
 The report reads only what ``lmtune train`` / ``lmtune tune`` left on disk (the run folder, or
 ``study.json`` and the Optuna storage it names), never live objects, so it can be rebuilt at any time,
-including while a study is still running: ``lmtune report PATH``.
+including while a study is still running: ``lmtune report PATH``. A run's page follows its task (the
+record's ``task``: classification or generation); a study's page works for either, in the direction of
+its metric.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from lmtune._console import log
 from lmtune._io import atomic_write_text
-from lmtune.errors import DataError, LmtuneError, StudyError
+from lmtune.errors import DataError
 
 __all__ = ["write_report"]
 
@@ -28,7 +30,7 @@ def write_report(path: str, output: str | None = None) -> str:
     Raises ``DataError`` / ``StudyError`` (one line) for anything else.
     """
     from lmtune.report._page import Page
-    from lmtune.report._run import RUN_RECORD, add_run_sections, load_run, run_summary
+    from lmtune.report._run import RUN_RECORD, load_run, run_summary
     from lmtune.report._study import STUDY_RECORD, add_study_sections, load_study, study_summary
 
     folder = Path(path)
@@ -75,7 +77,8 @@ def _write_run_page(run, out: Path) -> None:
     from lmtune.report._run import add_run_sections
 
     model = (run.record.get("model") or {}).get("requested") or ((run.record.get("config") or {}).get("model") or {}).get("name")
-    page = Page(f"lmtune run report: {run.name}", f"{model or 'model'} · {run.folder.resolve()}")
+    task = " · generation (prompt -> completion)" if run.generation else ""
+    page = Page(f"lmtune run report: {run.name}", f"{model or 'model'}{task} · {run.folder.resolve()}")
     add_run_sections(page, run)
     _write(out, page.render(f"Rebuild this page: <code>lmtune report {html.escape(str(run.folder))}</code>."))
 

@@ -4,6 +4,11 @@ It answers: which trial won and by how much (leaderboard, history), did the sear
 (every learning curve on one chart), which settings mattered (importances, parallel coordinates,
 learning rate x batch size), what each model costs (size vs metric vs time), and whether the winner is
 real or seed noise (the confirmation runs with error bars). The best trial's run report is embedded.
+
+Nothing here assumes a task or a direction: the metric's name and whether it is maximised come from
+``study.json`` (``metric``, ``direction``), else from the Optuna storage (the study's ``metric`` user
+attribute and its direction), so a classification study on accuracy and a generation study minimising
+``val_loss`` read the same way, best first. The embedded run report is the one for the best trial's task.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ from urllib.parse import quote, unquote
 from lmtune.errors import StudyError
 from lmtune.report._page import (BEST_COLOR, MUTED_COLOR, TRAIN_COLOR, Cell, Page, esc, fcount, fparam, log_ticks, metric_scale,
                                  num_cell, scale_color, style)
-from lmtune.report._run import (METRIC_TITLES, RUN_RECORD, RunData, _finite, _json_type, add_run_sections, guarded, inside,
-                                load_run, read_record, resolve_name, safe_file)
+from lmtune.report._run import (RUN_RECORD, TEXT_METRICS, RunData, _finite, _json_type, add_run_sections, guarded,
+                                higher_is_better, inside, load_run, read_record, resolve_name, safe_file)
 
 STUDY_RECORD = "study.json"
 
@@ -43,14 +48,22 @@ class StudyData:
 
     @property
     def metric(self) -> str:
-        return self.meta.get("metric") or "value"
+        """study.json's ``metric``, else the storage's (lmtune sets the study's ``metric`` user attribute)."""
+        m = self.meta.get("metric") or _storage_attr(self.study, "metric")
+        return m if isinstance(m, str) and m else "value"
 
     @property
     def maximize(self) -> bool:
-        d = self.meta.get("direction")
+        """study.json's ``direction``, else the storage's, else the metric's own (val_loss, perplexity: minimised)."""
+        d = self.meta.get("direction") or _storage_direction(self.study)
         if d:
             return d == "maximize"
-        return self.metric != "val_loss"
+        return higher_is_better(self.metric)
+
+    @property
+    def better(self) -> str:
+        """'higher is better' or 'lower is better', for captions and axis titles."""
+        return "higher is better" if self.maximize else "lower is better"
 
     @property
     def name(self) -> str:
@@ -119,6 +132,16 @@ def load_study(folder: str | Path) -> StudyData:
     except Exception as e:  # sqlalchemy / driver errors: name the storage, one line
         msg = (str(e).splitlines() or [""])[0]
         raise StudyError(f"{path}: cannot read study storage {storage} ({type(e).__name__}: {msg})") from None
+    stored = _storage_direction(study)
+    if meta.get("direction") and stored in ("maximize", "minimize") and stored != meta["direction"]:
+        problems.append(f"{STUDY_RECORD}: 'direction' {meta['direction']} disagrees with the study storage (direction "
+                        f"{stored}, the one its trials were optimised in); the storage's direction is used")
+        meta.pop("direction")
+    # Read the storage's metric and direction once (each property access would query it again).
+    if not meta.get("direction") and stored in ("maximize", "minimize"):
+        meta["direction"] = stored
+    if not meta.get("metric") and isinstance(_storage_attr(study, "metric"), str):
+        meta["metric"] = _storage_attr(study, "metric")
     data = StudyData(folder, meta, storage, study, list(trials), problems=problems)
 
     # Optional files named in study.json: followed only inside the study folder, read only as regular files.
@@ -151,6 +174,21 @@ def load_study(folder: str | Path) -> StudyData:
             msg = (str(e).splitlines() or [""])[0]
             data.problems.append(f"best trial's run folder {best_dir} could not be read ({msg})")
     return data
+
+
+def _storage_direction(study: Any) -> str | None:
+    """'maximize' / 'minimize' as the storage records it; None for a multi-objective or unreadable study."""
+    try:
+        return study.direction.name.lower()
+    except Exception:  # optuna raises RuntimeError for multi-objective studies
+        return None
+
+
+def _storage_attr(study: Any, key: str) -> Any:
+    try:
+        return study.user_attrs.get(key)
+    except Exception:
+        return None
 
 
 def _check_refit(raw: Any, problems: list[str]) -> dict[str, Any] | None:
@@ -284,9 +322,17 @@ def _storage_url(url: str, folder: Path) -> tuple[str, str]:
 
 # ---- the page ------------------------------------------------------------------------------------
 
-def metric_title(metric: str) -> str:
-    t = METRIC_TITLES.get(metric, metric)
-    return ("validation " + t) if metric in ("accuracy", "macro_f1") else t
+#: short axis names and units of the metrics lmtune selects by
+_AXIS_NAMES = {"accuracy": ("validation accuracy", "0 to 1"), "macro_f1": ("validation macro-F1", "0 to 1"),
+               "val_loss": ("validation loss", "nats"), "perplexity": ("validation perplexity", "")}
+
+
+def axis_title(sd: StudyData, metric: str | None = None) -> str:
+    """The metric's axis title with its unit and direction, so a minimised val_loss never reads as a score to raise."""
+    metric = metric or sd.metric
+    name, unit = _AXIS_NAMES.get(metric) or ((f"validation {TEXT_METRICS[metric]}", "0 to 100") if metric in TEXT_METRICS
+                                             else (metric, ""))
+    return f"{name} ({unit + ', ' if unit else ''}{sd.better})"
 
 
 def add_study_sections(page: Page, sd: StudyData, best_link: str | None) -> None:
@@ -327,7 +373,8 @@ def _overview(page: Page, sd: StudyData) -> None:
     page.facts([
         ("study", sd.name),
         ("storage", sd.storage),
-        ("objective", f"{'maximise' if sd.maximize else 'minimise'} {sd.metric}"),
+        ("task", sd.meta.get("task") if isinstance(sd.meta.get("task"), str) else None),
+        ("objective", f"{'maximise' if sd.maximize else 'minimise'} {sd.metric} ({sd.better})"),
         ("trials", f"{len(sd.trials) - counts['WAITING']} run: "
                    + ", ".join(f"{v} {k.lower()}" for k, v in counts.items() if v and k != "WAITING")
                    + (f"; {counts['WAITING']} queued, not run" if counts["WAITING"] else "")),
@@ -471,11 +518,12 @@ def _history_chart(page: Page, sd: StudyData) -> None:
                                  marker={"symbol": "x", "size": 9, "color": MUTED_COLOR},
                                  customdata=[li[0] for _, li in pruned],
                                  hovertemplate="trial #%{x} pruned at step %{customdata}: %{y:.4f}<extra></extra>"))
-    style(fig, f"{sd.metric} per trial, in the order trials ran", "trial number", metric_title(sd.metric), legend=True)
+    style(fig, f"{sd.metric} per trial, in the order trials ran", "trial number", axis_title(sd), legend=True)
     numbers = [t.number for t in sd.trials]
     fig.update_xaxes(range=[min(numbers) - 0.5, max(numbers) + 0.5], dtick=1 if len(numbers) <= 25 else None)
     fig.update_layout(legend={"orientation": "h", "y": -0.2, "x": 0})
-    page.figure(fig, "A best-so-far line that flattens early means more trials would add little.")
+    page.figure(fig, f"{sd.metric}: {sd.better}, so the best-so-far line only ever moves {'up' if sd.maximize else 'down'}. "
+                     "A best-so-far line that flattens early means more trials would add little.")
 
 
 def _curves_chart(page: Page, sd: StudyData) -> None:
@@ -519,8 +567,9 @@ def _curves_chart(page: Page, sd: StudyData) -> None:
             hovertemplate=f"trial #{t.number} ({t.state.name.lower()})<br>" + ("epoch" if use_epochs else "step")
                           + " %{x}<br>" + sd.metric + " %{y:.4f}<br>" + params + "<extra></extra>"))
         shown.add(group)
-    style(fig, f"Validation {sd.metric} at each evaluation, every trial", "epoch" if use_epochs else "optimizer step",
-          metric_title(sd.metric), height=460, legend=True)
+    shown_metric = sd.metric[len("val_"):] if sd.metric.startswith("val_") else sd.metric
+    style(fig, f"Validation {shown_metric} at each evaluation, every trial", "epoch" if use_epochs else "optimizer step",
+          axis_title(sd), height=460, legend=True)
     page.figure(fig, "Each line is one trial; the pruner stopped the grey dotted ones where they end (x). Hover a line for its settings. "
                      + ("The x axis is epochs, comparable across batch sizes." if use_epochs else
                         "The x axis is optimizer steps, which cover more data per step at larger batch sizes."))
@@ -747,10 +796,12 @@ def _cost_chart(page: Page, sd: StudyData) -> None:
             hovertemplate="trial #%{customdata[0]}<br>%{x:.1f} s<br>" + sd.metric + " %{y:.4f}<br>epochs %{customdata[1]}<extra>"
                           + esc(g) + "</extra>"))
     style(fig, f"{sd.metric} against the cost of a trial, by model size", "trial wall-clock time (seconds)",
-          metric_title(sd.metric), height=420, legend=True)
+          axis_title(sd), height=420, legend=True)
     fig.update_xaxes(rangemode="tozero")
     fig.update_layout(legend={"title": {"text": "model (size)"}})
-    page.figure(fig, "Up and to the left is better: a higher score for less time. Complete trials only; time includes evaluation.")
+    page.figure(fig, (f"Up and to the left is better: a higher {sd.metric} for less time." if sd.maximize else
+                      f"Down and to the left is better: a lower {sd.metric} for less time.")
+                + " Complete trials only; time includes evaluation.")
 
 
 def _confirm_results(sd: StudyData) -> list[dict[str, Any]]:
@@ -803,9 +854,10 @@ def _confirmation(page: Page, sd: StudyData) -> None:
                                  marker={"size": 12, "symbol": "diamond", "color": BEST_COLOR},
                                  hovertemplate="%{x}: %{y:.4f} in the search<extra></extra>"))
     style(fig, f"Seed confirmation: {metric} over {len(seeds) or max(len(r['values']) for r in res)} seeds per trial",
-          "trial (settings re-run with different seeds)", metric_title(metric), height=420, legend=True)
+          "trial (settings re-run with different seeds)", axis_title(sd, metric), height=420, legend=True)
     fig.update_layout(legend={"orientation": "h", "y": -0.22, "x": 0})
-    page.figure(fig, "Error bars are ± one standard deviation across seeds. A search value far above its seed mean is the "
+    page.figure(fig, "Error bars are ± one standard deviation across seeds. A search value far "
+                     f"{'above' if sd.maximize else 'below'} its seed mean ({sd.better}) is the "
                      "selection effect: the search kept the luckiest seed.")
     rows = []
     for r in res:
@@ -823,6 +875,8 @@ def study_summary(sd: StudyData, html_path: str | None = None) -> str:
     lines = [f"# lmtune study: {sd.name}", ""]
     counts = {s: len(sd.by_state(s)) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
     waiting = len(sd.by_state("WAITING"))
+    lines.append(f"- objective: {'maximise' if sd.maximize else 'minimise'} {sd.metric} ({sd.better})"
+                 + (f"; task {sd.meta['task']}" if isinstance(sd.meta.get("task"), str) else ""))
     lines.append(f"- trials: {sum(counts.values())} run ({', '.join(f'{v} {k.lower()}' for k, v in counts.items())})"
                  + (f"; {waiting} queued, not run" if waiting else ""))
     best = sd.best
