@@ -336,3 +336,106 @@ def test_importing_lmtune_changes_no_process_wide_state():
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+# ---- a second round of hostile inputs (found by a probe of 150 commands) -------------------------------------
+
+
+def one_line_error(capsys, code: int, needle: str) -> None:
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err and needle in err, err
+
+
+def test_outputs_never_replace_devices_inputs_or_models(capsys, trained, tiny_llama, sentiment_files, tmp_path):
+    import os
+    import shutil
+    import stat
+
+    assert main(["predict", trained, sentiment_files["test"], "-o", "/dev/null"]) == 0
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)  # written into, not renamed over
+    capsys.readouterr()
+    copy = tmp_path / "test.tsv"
+    shutil.copy(sentiment_files["test"], copy)
+    before = copy.read_bytes()
+    one_line_error(capsys, main(["evaluate", trained, "--data", str(copy), "--output", str(copy)]), "is the input file")
+    one_line_error(capsys, main(["predict", trained, str(copy), "-o", str(copy)]), "is the input file")
+    assert copy.read_bytes() == before
+    one_line_error(capsys, main(["predict", trained, str(copy), "-o", str(tmp_path)]), "is a folder")
+    model = tmp_path / "base"
+    shutil.copytree(tiny_llama, model)
+    one_line_error(capsys, main(["train", "--model", str(model), "--data", sentiment_files["train"], "--out", str(model)]),
+                   "is the folder of --model")
+    one_line_error(capsys, main(["train", "--model", tiny_llama, "--data", sentiment_files["train"], "--out", str(model)]),
+                   "holds a model that lmtune did not write")
+
+
+def test_result_files_are_readable_and_tsv_output_is_tab_separated(capsys, trained, sentiment_files, tmp_path):
+    import os
+
+    for name in ("model.safetensors", "lmtune_run.json", "curve.csv", "val_predictions.jsonl"):
+        assert os.stat(Path(trained) / name).st_mode & 0o777 == 0o644, name
+    out = tmp_path / "p.tsv"
+    assert main(["predict", trained, sentiment_files["test"], "-o", str(out)]) == 0
+    assert out.read_text().splitlines()[0].split("\t")[:3] == ["line", "text", "label"]
+
+
+def test_a_run_and_a_study_keep_their_own_folders(capsys, trained, tiny_llama, sentiment_files, tmp_path):
+    from lmtune._io import FolderLock
+
+    one_line_error(capsys, main(["tune", "--model", tiny_llama, "--data", sentiment_files["train"], "--out", trained,
+                                 "--n-trials", "1"]), "holds a training run")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with FolderLock(busy):  # another lmtune process writing there
+        one_line_error(capsys, main(["train", "--model", tiny_llama, "--data", sentiment_files["train"],
+                                     "--out", str(busy), "--no-progress"]), "in use by another lmtune process")
+
+
+def test_stdin_lines_break_at_newlines_only(capsys, trained, monkeypatch):
+    import io
+
+    class Stdin(io.StringIO):
+        def __init__(self, data: bytes):
+            super().__init__()
+            self.buffer = io.BytesIO(data)
+
+    monkeypatch.setattr(sys, "stdin", Stdin("a\u2028good film\nbad\x0cfilm\nok\u0085film\n".encode()))
+    code = main(["predict", trained])
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().split("\n")]
+    assert code == 0 and [r["line"] for r in rows] == [1, 2, 3] and rows[0]["text"] == "a\u2028good film"
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("train: [1, 2]\n", "train must be a mapping of keys"),
+    ("train:\n  epochs: 1\n  epochs: 2\n", "key 'epochs' appears twice"),
+])
+def test_yaml_sections_and_keys_checked_even_with_flags(capsys, tmp_path, sentiment_files, text, needle):
+    cfg = write(tmp_path, "c.yaml", text)
+    one_line_error(capsys, main(["train", "--config", cfg, "--data", sentiment_files["train"], "--epochs", "1"]), needle)
+
+
+def test_more_bad_search_and_model_inputs(capsys, tmp_path, tiny_llama, sentiment_files):
+    import shutil
+
+    common = ["--model", tiny_llama, "--data", sentiment_files["train"], "--out", str(tmp_path / "s")]
+    one_line_error(capsys, main(["tune", *common, "--lr", "1e-5..inf:log"]), "not a finite number")
+    assert not (tmp_path / "s" / "study.db").exists()
+    one_line_error(capsys, main(["tune", *common, "--study-name", ""]), "--study-name must name the study")
+    one_line_error(capsys, main(["tune", *common, "--budget", "0"]), "--budget must be more than zero")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    one_line_error(capsys, main(["train", "--model", str(broken), "--data", sentiment_files["train"],
+                                 "--out", str(tmp_path / "o"), "--no-progress"]), "cannot load its weights")
+
+
+def test_a_study_refuses_other_data_on_resume(capsys, tmp_path, tiny_llama, sentiment_files):
+    args = ["tune", "--model", tiny_llama, "--data", sentiment_files["train"], "--val-file", sentiment_files["val"],
+            "--out", str(tmp_path / "s"), "--n-trials", "1", "--epochs", "1", "--batch-size", "16", "--lr", "3e-3",
+            "--confirm-seeds", "0", "--no-report", "--max-length", "32"]
+    assert main(args) == 0
+    capsys.readouterr()
+    other = args[:]
+    other[other.index("--val-file") + 1] = sentiment_files["test"]
+    one_line_error(capsys, main(other), "was run on other data (val_file, val_size differ)")

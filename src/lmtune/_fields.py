@@ -115,7 +115,15 @@ def _yaml_loader():
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):  # a key given twice: PyYAML keeps the last one silently
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
 
     # add_implicit_resolver on a subclass copies the resolver table, so PyYAML's own loader is untouched.
     Loader.add_implicit_resolver(
@@ -144,6 +152,12 @@ def load_yaml(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}:{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of sections (data, model, train, ...)")
+    from lmtune.config import describe
+
+    for section in ("data", "model", "train", "search", "tune"):
+        # Checked here, before flags are merged in: merging a flag's {section: {...}} over a list would hide it.
+        if data.get(section) is not None and not isinstance(data[section], dict):
+            raise ConfigError(f"--config {path}: {section} must be a mapping of keys, got {describe(data[section])}")
     return data
 
 

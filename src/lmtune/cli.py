@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CSV/TSV/JSONL/Parquet file, or - for stdin (one text per line; default).")
     _add_column_flags(p, labels=False)
     p.add_argument("--output", "-o", metavar="FILE", help="Write here (.csv or .jsonl); default stdout.")
-    p.add_argument("--format", choices=["csv", "jsonl"], help="Output format (default from --output's extension, else jsonl).")
+    p.add_argument("--format", choices=["csv", "tsv", "jsonl"], help="Output format (default from --output's extension, else jsonl).")
     _add_row_policy_flags(p, labels=False)
     p.add_argument("--batch-size", type=_positive_int, default=32, help="Examples per forward pass (default 32).")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="Inference precision (default auto).")
@@ -171,9 +171,17 @@ def _write_report(path: str) -> None:
         log.warning(f"warning: report not written ({type(e).__name__}: {e})")
 
 
+def _not_the_input(output: str | None, source: str, flag: str) -> None:
+    from lmtune._io import same_file
+
+    if output and source != "-" and same_file(output, source):
+        raise ConfigError(f"{flag} {output} is the input file; writing there would replace the data with the results")
+
+
 def cmd_evaluate(ns: argparse.Namespace) -> int:
     from lmtune.inference import evaluate
 
+    _not_the_input(ns.output, ns.data, "--output")
     r = evaluate(ns.model_dir, ns.data, text_column=ns.text_column, text_pair_column=ns.text_pair_column,
                  label_column=ns.label_column, batch_size=ns.batch_size, precision=ns.precision, output=ns.output,
                  empty_text=ns.empty_text, missing_label=ns.missing_label, generation_columns=_generation_columns(ns))
@@ -209,6 +217,7 @@ def format_evaluation(r: dict[str, Any]) -> str:
 def cmd_predict(ns: argparse.Namespace) -> int:
     from lmtune.inference import predict
 
+    _not_the_input(ns.output, ns.input, "--output")
     if ns.input == "-":
         table = _stdin_table(sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode())
         blank = table.skipped.get("blank_line", 0)
@@ -220,7 +229,8 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         rows = predict(ns.model_dir, ns.input, text_column=ns.text_column, text_pair_column=ns.text_pair_column,
                        batch_size=ns.batch_size, precision=ns.precision, empty_text=ns.empty_text,
                        generation_columns=_generation_columns(ns))
-    fmt = ns.format or ("csv" if ns.output and ns.output.lower().endswith((".csv", ".tsv")) else "jsonl")
+    fmt = ns.format or ("csv" if ns.output and ns.output.lower().endswith(".csv") else
+                        "tsv" if ns.output and ns.output.lower().endswith((".tsv", ".tab")) else "jsonl")
     text = _format_predictions(rows, fmt)
     if ns.output:
         from lmtune._io import atomic_write_text
@@ -243,7 +253,12 @@ def _stdin_table(data: bytes):
         raise DataError(f"stdin: line {line}: not valid UTF-8 (byte 0x{data[e.start:e.start + 1].hex()}); "
                         "re-encode the input as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from None
     texts, lines, blank = [], [], 0
-    for number, line in enumerate(text.splitlines(), start=1):
+    # "\n" only: str.splitlines also breaks at U+2028, U+0085 and form feeds, which are text inside a line.
+    lines_in = text.split("\n")
+    if lines_in and lines_in[-1] == "":
+        lines_in.pop()
+    for number, line in enumerate(lines_in, start=1):
+        line = line.removesuffix("\r")
         if "\x00" in line:
             raise DataError(f"stdin: line {number}: holds a NUL byte; expected text, one per line")
         if line.strip():
@@ -262,15 +277,16 @@ def _format_predictions(rows: list[dict[str, Any]], fmt: str) -> str:
         return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     import csv
     import io
+    delimiter = "\t" if fmt == "tsv" else ","
     if rows and "completion" in rows[0]:  # a generation model
         buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
+        w = csv.writer(buf, lineterminator="\n", delimiter=delimiter)
         w.writerow(["line", "prompt", "completion"])
         w.writerows([r["line"], r["prompt"], r["completion"]] for r in rows)
         return buf.getvalue()
     labels = list(rows[0]["probabilities"]) if rows else []
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = csv.writer(buf, lineterminator="\n", delimiter=delimiter)
     pair = bool(rows) and "text_pair" in rows[0]
     w.writerow(["line", "text"] + (["text_pair"] if pair else []) + ["label", "probability"] + [f"p_{x}" for x in labels])
     for r in rows:
@@ -305,6 +321,14 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while starting (imports, parsing): no traceback either
+        print("lmtune: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     ns, extra = parser.parse_known_args(argv)

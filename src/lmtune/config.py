@@ -430,6 +430,7 @@ class TuneConfig:
         if self.n_trials == 0:
             self.n_trials = None
         _check(self, self.n_trials is None or self.n_trials >= 1, "n_trials", "must be >= 1", self.n_trials)
+        _check(self, bool(self.study_name.strip()), "study_name", "must name the study", self.study_name)
         _check(self, 0 <= self.sampler_seed <= MAX_SEED, "sampler_seed", f"must be between 0 and {MAX_SEED}", self.sampler_seed)
         _check(self, self.evals_per_epoch >= 1, "evals_per_epoch", "must be >= 1", self.evals_per_epoch)
         _check(self, self.confirm_seeds >= 0, "confirm_seeds", "must be >= 0", self.confirm_seeds)
@@ -449,7 +450,9 @@ class TuneConfig:
         if self.budget is None:
             return None
         import re
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(self.budget))
-        if not m or float(m.group(1)) <= 0:
+        m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(self.budget))
+        if not m:
             raise ConfigError(f"--budget must look like 90s, 30m, 2h or 1d, got {self.budget!r}")
+        if float(m.group(1)) <= 0:
+            raise ConfigError(f"--budget must be more than zero, got {self.budget!r}")
         return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]

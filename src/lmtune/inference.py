@@ -127,6 +127,7 @@ def evaluate(model_dir: str, data_file: str, *, text_column: str | None = None, 
         shown = ", ".join(repr(u) for u in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
         raise LabelError(f"{data_file}: column '{table.label_column}': {len(unknown)} label(s) the model does not know: "
                          f"{shown}; the model knows {clf.labels}")
+    _check_pairs(clf, table, data_file)
     y = np.asarray([known[lab] for lab in table.labels])
     logits, enc = _logits(clf, table, batch_size)
     result = classification_metrics(logits, y, clf.labels, detailed=True)
@@ -170,6 +171,7 @@ def predict(model_dir: str, data: str | list[str] | Any, *, text_column: str | N
     else:
         table = _read(data, clf, require_labels=False, policies={"empty_text": empty_text}, text_column=text_column,
                       text_pair_column=text_pair_column)
+    _check_pairs(clf, table, table.path)
     logits, _ = _logits(clf, table, batch_size)
     probs = softmax(logits)
     rows = []
@@ -182,6 +184,14 @@ def predict(model_dir: str, data: str | list[str] | Any, *, text_column: str | N
                 "probabilities": {clf.labels[j]: float(p) for j, p in enumerate(probs[i])}}
         rows.append(row)
     return rows
+
+
+def _check_pairs(clf: Classifier, table: Any, source: str) -> None:
+    """A model trained on sentence pairs must be given pairs: the first text alone gives confident nonsense."""
+    pair = clf.columns.get("text_pair_column")
+    if pair and table.text_pairs is None:
+        raise DataError(f"{source}: this model was trained on text pairs ('{clf.columns.get('text_column')}' + "
+                        f"'{pair}'); give a file with both columns (--text-column, --text-pair-column)")
 
 
 def _read(path: str, clf: Classifier, *, require_labels: bool, policies: dict[str, str], **given: str | None):

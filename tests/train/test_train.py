@@ -102,8 +102,12 @@ def test_text_pairs(tiny_llama, tmp_path):
     result = lmtune.train(cfg)
     assert result.record["data"]["text_pair_column"] == "sentence2"
     assert result.record["data"]["rows"] == {"train": 96, "val": 24}  # default --val-fraction 0.2, stratified
-    rows = lmtune.predict(str(tmp_path / "o"), str(tmp_path / "pairs.tsv"))
-    assert len(rows) == 120 and "text_pair" in rows[0]
+    predicted = lmtune.predict(str(tmp_path / "o"), str(tmp_path / "pairs.tsv"))
+    assert len(predicted) == 120 and "text_pair" in predicted[0]
+    # the first text alone gives confident nonsense: a file without the pair column is refused
+    (tmp_path / "firsts.tsv").write_text("sentence1\n" + "\n".join(r.split("\t")[0] for r in rows[1:]) + "\n")
+    with pytest.raises(lmtune.DataError, match="trained on text pairs"):
+        lmtune.predict(str(tmp_path / "o"), str(tmp_path / "firsts.tsv"))
 
 
 def test_nan_loss_stops_before_writing_a_model(tiny_llama, sentiment_files, tmp_path):

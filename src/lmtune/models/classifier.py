@@ -147,6 +147,8 @@ def load_weights(auto_class: Any, cfg: ModelConfig, resolved: ResolvedModel, hea
             f"--model {cfg.name}: not found locally and the hub could not provide it ({_one_line(e)}); "
             "see `lmtune models` for what works offline"
         ) from e
+    except Exception as e:  # a truncated safetensors file, a config that does not match its weights, ...
+        raise ModelError(f"--model {cfg.name}: cannot load its weights ({_one_line(e)})") from e
     finally:
         hf_logging.set_verbosity(verbosity)
     return model

@@ -253,7 +253,8 @@ def _read_jsonl(path: Path, shown: str, problems: list[str]) -> list[dict[str, A
     except (OSError, UnicodeDecodeError) as e:
         problems.append(f"{shown} cannot be read ({type(e).__name__}); no examples shown")
         return None
-    for i, line in enumerate(text.splitlines(), 1):
+    # JSON lines end at "\n" only: str.splitlines would also break inside a text holding U+2028 or a form feed.
+    for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

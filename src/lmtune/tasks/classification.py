@@ -128,7 +128,11 @@ def save_model_folder(model: Any, tokenizer: Any, out: Path) -> None:
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    from lmtune._io import file_mode
+
     for f in tmp.iterdir():
+        if f.is_file():
+            os.chmod(f, file_mode())  # safetensors writes 0600; the folder is meant to be shared and loaded
         os.replace(f, out / f.name)
     tmp.rmdir()
 

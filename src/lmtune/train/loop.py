@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from lmtune._console import log, progress, quiet_libraries
-from lmtune._io import atomic_write_json, atomic_write_text, ensure_writable_dir
+from lmtune._io import FolderLock, atomic_write_json, atomic_write_text, ensure_writable_dir, same_file
 from lmtune.config import RunConfig
 from lmtune.data.batching import LengthGroupedSampler
 from lmtune.errors import CheckpointError, ConfigError, DivergenceError, Interrupted
@@ -188,13 +188,14 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
     t_start = time.time()
     say = log.debug if quiet else log.info
     task, cfg = resolve_task(cfg)
-    resume_from, finished = _prepare_output(cfg, say)
-    if finished is not None:
-        return finished
-    s = _setup(cfg, task, resources, say)
-    st = _initial_state(s, resume_from)
-    stopped_early = _train_loop(s, st, on_evaluate)
-    return _finish(s, st, stopped_early, t_start)
+    with FolderLock(ensure_writable_dir(cfg.output_dir, "--out")):
+        resume_from, finished = _prepare_output(cfg, say)
+        if finished is not None:
+            return finished
+        s = _setup(cfg, task, resources, say)
+        st = _initial_state(s, resume_from)
+        stopped_early = _train_loop(s, st, on_evaluate)
+        return _finish(s, st, stopped_early, t_start)
 
 
 # ---- setup -----------------------------------------------------------------------------------------------
@@ -204,9 +205,16 @@ def _prepare_output(cfg: RunConfig, say) -> tuple[dict[str, Any] | None, TrainRe
     """Check the output folder; with --resume, the newest whole checkpoint (or the finished run itself)."""
     out = Path(cfg.output_dir)
     ckpt_root, record_path = out / "checkpoints", out / RECORD_FILE
-    ensure_writable_dir(out, "--out")
+    model_dir = Path(os.path.expanduser(cfg.model.name))
+    if model_dir.is_dir() and same_file(model_dir, out):
+        raise ConfigError(f"--out {out} is the folder of --model: training would overwrite the weights it starts from")
+    if (out / "study.json").is_file():
+        raise ConfigError(f"--out {out} holds a study (lmtune tune); a run needs its own folder")
     if record_path.is_file() and not (cfg.overwrite or cfg.resume):
         raise ConfigError(f"--output-dir {out} already holds a finished run; pass --overwrite to replace it")
+    if not record_path.is_file() and not cfg.resume and not cfg.overwrite and (
+            (out / "config.json").is_file() or any(out.glob("*.safetensors"))):
+        raise ConfigError(f"--out {out} holds a model that lmtune did not write; pass --overwrite to replace it")
     if not cfg.resume:
         if ckpt_root.exists():
             shutil.rmtree(ckpt_root)

@@ -150,6 +150,8 @@ def _number(text: str, name: str, typ: type) -> float:
         value = typ(text) if typ is int else float(text)
     except ValueError:
         raise SearchSpaceError(f"{flag(name)}: '{text}' is not a {'whole number' if typ is int else 'number'}") from None
+    if not math.isfinite(value):
+        raise SearchSpaceError(f"{flag(name)}: '{text}' is not a finite number")
     return value
 
 

@@ -277,6 +277,17 @@ def _apply(base: RunConfig, params: dict[str, Any], trial_dir: Path, evals_per_e
     return cfg
 
 
+def _data_signature(run: RunConfig) -> dict[str, Any]:
+    """What makes trials comparable: the same rows, split and task (file paths as given, and their sizes)."""
+    d = run.data
+    sizes = {k: os.path.getsize(p) if p and os.path.isfile(p) else None for k, p in (("train_size", d.train_file),
+                                                                                      ("val_size", d.val_file))}
+    return {"task": d.task, "train_file": d.train_file, "val_file": d.val_file, "max_train_rows": d.max_train_rows,
+            "max_val_rows": d.max_val_rows, "val_fraction": d.val_fraction, "split_seed": d.split_seed,
+            "text_column": d.text_column, "label_column": d.label_column, "prompt_column": d.prompt_column,
+            "completion_column": d.completion_column, "prompt_template": d.prompt_template} | sizes
+
+
 def _longest(dim, fixed: int) -> int:
     """The longest --max-length a trial can get."""
     if dim is None:
@@ -296,6 +307,9 @@ def tune(run: RunConfig, search: SearchConfig | None = None, tc: TuneConfig | No
     from lmtune._threads import TuneWorker
 
     tc = tc or TuneConfig()
+    out = Path(run.output_dir)
+    if (out / "lmtune_run.json").is_file() and not (out / STUDY_FILE).is_file():
+        raise ConfigError(f"--out {out} holds a training run (lmtune train); a study needs its own folder")
     with TuneWorker(tc.threads_per_worker) as worker, warnings.catch_warnings():
         # fail_stale_trials and heartbeats are marked experimental; the warning would repeat before every trial.
         # Filtered here, not at import: importing lmtune must not change the process's warning filters.
@@ -338,6 +352,7 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
         study = optuna.create_study(storage=storage, study_name=tc.study_name, direction=direction,
                                     sampler=_sampler(tc, tc.n_trials), pruner=_pruner(tc), load_if_exists=False)
         created = True
+        study.set_user_attr("data", _data_signature(run))
         study.set_user_attr("space", space.describe())
         study.set_user_attr("metric", run.train.metric)
     except optuna.exceptions.DuplicatedStudyError:
@@ -349,6 +364,13 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
                              f"({stored}); use the same flags, another --out, or another --study-name")
         if study.direction.name.lower() != direction:
             raise StudyError(f"study '{tc.study_name}' optimises in the other direction; --metric must match")
+        stored_data = study.user_attrs.get("data")
+        if stored_data is not None and stored_data != _data_signature(run):
+            changed = sorted(k for k in set(stored_data) | set(_data_signature(run))
+                             if stored_data.get(k) != _data_signature(run).get(k))
+            raise StudyError(f"study '{tc.study_name}' in {redact(url)} was run on other data ({', '.join(changed)} "
+                             "differ); trials on different data cannot be compared: use the same data flags, "
+                             "another --out, or another --study-name")
     if tc.n_trials is not None:
         if not created:
             # The creating worker may still be enqueueing its slots; topping up now would add too many.
