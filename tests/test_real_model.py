@@ -57,3 +57,38 @@ def test_fine_tune_smollm2_on_sst2(tmp_path):
     r = lmtune.evaluate(str(out), str(data / "sst2" / "test.tsv"))
     assert r["n"] == 1821 and r["accuracy"] > 0.6
     assert (out / "report.html").is_file()
+
+
+@needs_wheel
+def test_fine_tune_smollm2_on_e2e_generation(tmp_path):
+    """The generation task on the real model and real data: E2E rows through its chat template; the loss falls,
+    the folder answers through plain transformers' pipeline the way lmtune predict does, evaluate scores every
+    test prompt against all its references."""
+    data = shared_data_dir()
+    if data is None or not (data / "e2e_nlg" / "train.csv").is_file():
+        pytest.skip("E2E not found: set LMTUNE_DATA_DIR to the folder holding e2e_nlg/")
+    from transformers import pipeline
+
+    import lmtune
+    from lmtune.cli import main
+
+    out = tmp_path / "e2e"
+    e2e = data / "e2e_nlg"
+    code = main(["train", "--model", "smollm2-135m-instruct", "--data", str(e2e / "train.csv"), "--prompt-column", "mr",
+                 "--completion-column", "ref", "--max-train-rows", "160", "--max-val-rows", "24", "--lr", "1e-4",
+                 "--batch-size", "16", "--epochs", "1", "--eval-every-steps", "5", "--max-length", "128",
+                 "--no-progress", "--out", str(out)])
+    assert code == 0
+    record = json.loads((out / "lmtune_run.json").read_text())
+    assert record["task"] == "generation" and record["generation"]["chat_template"] == "model"
+    losses = [h["val_loss"] for h in record["history"]]
+    assert losses[-1] < losses[0], losses
+    prompt = "name[The Eagle], eatType[coffee shop], food[French]"
+    ours = lmtune.predict(str(out), [prompt])[0]["completion"]
+    messages = [{"role": "user", "content": prompt}]
+    theirs = pipeline("text-generation", model=str(out))(messages)[0]["generated_text"][-1]["content"]
+    assert theirs.strip() == ours and len(ours) > 0
+    test = tmp_path / "test.csv"
+    test.write_text("".join((e2e / "test.csv").read_text().splitlines(keepends=True)[:41]))
+    r = lmtune.evaluate(str(out), str(test))
+    assert r["n"] == 40 and 0 < r["prompts"] < 40 and r["bleu"] > 0
