@@ -188,7 +188,9 @@ def train(cfg: RunConfig, *, on_evaluate: Callable[[EvalEvent], None] | None = N
     t_start = time.time()
     say = log.debug if quiet else log.info
     task, cfg = resolve_task(cfg)
-    with FolderLock(ensure_writable_dir(cfg.output_dir, "--out")):
+    # One lock per run: the processes of one distributed run share --out, so only the first one (torchrun's RANK 0) locks.
+    out_dir = ensure_writable_dir(cfg.output_dir, "--out")
+    with FolderLock(out_dir) if int(os.environ.get("RANK", "0") or 0) == 0 else nullcontext():
         resume_from, finished = _prepare_output(cfg, say)
         if finished is not None:
             return finished
