@@ -114,7 +114,7 @@ def evaluate(model_dir: str, data_file: str, *, text_column: str | None = None, 
         from lmtune.tasks.generation import evaluate_generation
 
         return evaluate_generation(model_dir, data_file, batch_size=batch_size, output=output, empty_text=empty_text,
-                                   **{k: v for k, v in (generation_columns or {}).items()})
+                                   **(generation_columns or {}))
     from lmtune.errors import LabelError
     from lmtune.train.metrics import classification_metrics
 

@@ -129,17 +129,16 @@ class GenerationTask:
             base.generation_config.save_pretrained(out)
 
     def record(self, cfg: Any, bundle: Any, train_enc: Any, val_enc: Any) -> dict[str, Any]:
-        def lines(enc: Any, table: Any) -> dict[str, Any]:
-            return {"count": len(enc.cut), "lines": enc.cut[:50]}
+        def named(train_lines: list[int], val_lines: list[int]) -> dict[str, Any]:
+            """How many rows, and the first 50 of their lines, per split."""
+            return {split: {"count": len(lines), "lines": lines[:50]}
+                    for split, lines in (("train", train_lines), ("val", val_lines))}
 
         return {
             "data": bundle.summary | {
                 "max_length": cfg.train.max_length,
-                "cut": {"train": lines(train_enc, bundle.train), "val": lines(val_enc, bundle.val)},
-                "completion_too_long": {"train": {"count": len(train_enc.completion_too_long),
-                                                  "lines": train_enc.completion_too_long[:50]},
-                                        "val": {"count": len(val_enc.completion_too_long),
-                                                "lines": val_enc.completion_too_long[:50]}},
+                "cut": named(train_enc.cut, val_enc.cut),
+                "completion_too_long": named(train_enc.completion_too_long, val_enc.completion_too_long),
                 "truncated": {"train": len(train_enc.cut), "val": len(val_enc.cut)},
                 "token_lengths": {"train_prompt": [len(p) for p in train_enc.prompt_ids],
                                   "train_completion": completion_lengths(train_enc),

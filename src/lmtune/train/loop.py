@@ -278,7 +278,7 @@ def _setup(cfg: RunConfig, task: Any, resources: Resources | None, say) -> _Sess
     train_enc, val_enc = task.encode(loaded.tokenizer, bundle, cfg, tok_cache)
 
     world = accelerator.num_processes
-    micro = min(tc.micro_batch_size or math.ceil(tc.global_batch_size / world), math.ceil(tc.global_batch_size / world))
+    micro = _micro_batch_size(tc, world)
     sampler = LengthGroupedSampler(train_enc.lengths, tc.global_batch_size, shuffle=True, seed=tc.seed,
                                    group_by_length=tc.group_by_length)
     steps_per_epoch = len(sampler.batches(0))
@@ -304,6 +304,12 @@ def _setup(cfg: RunConfig, task: Any, resources: Resources | None, say) -> _Sess
                     tc.eval_batch_size or 2 * micro)
 
 
+def _micro_batch_size(tc: Any, world: int) -> int:
+    """Examples per forward pass on one process: --micro-batch-size, at most this process's share of the batch."""
+    share = math.ceil(tc.global_batch_size / world)
+    return min(tc.micro_batch_size or share, share)
+
+
 def _param_groups(params: dict[str, torch.Tensor], weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only (not biases or norm weights)."""
     decay, no_decay = [], []
@@ -314,8 +320,7 @@ def _param_groups(params: dict[str, torch.Tensor], weight_decay: float) -> list[
 
 def _initial_state(s: _Session, resume_from: dict[str, Any] | None) -> TrainState:
     """A fresh state, or the resumed checkpoint's (weights, optimizer, schedule and RNG loaded too)."""
-    micro = min(s.tc.micro_batch_size or math.ceil(s.tc.global_batch_size / s.world), math.ceil(s.tc.global_batch_size / s.world))
-    st = TrainState(config=_resumable_config(s.cfg), micro_batch_size=micro)
+    st = TrainState(config=_resumable_config(s.cfg), micro_batch_size=_micro_batch_size(s.tc, s.world))
     if resume_from is None:
         return st
     ckpt.load_trainable_state(s.accelerator.unwrap_model(s.model), resume_from["trainable.safetensors"], str(resume_from["path"]))
