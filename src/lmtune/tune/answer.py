@@ -1,0 +1,323 @@
+"""The answer to the question a study is run for: which parameters matter for this task, and what values win?
+
+Computed once, at the end of a study (and again by ``lmtune tune --show``), from the study's trials, the seed
+confirmation (``confirm.json``) and the refit (``refit.json``); stored as ``answer.json``. The terminal,
+``summary.md`` and ``report.html`` all show this one computation, so they cannot disagree (they did when the
+terminal and the report each ran fANOVA with a different seed).
+
+What it holds:
+
+* **importances with an uncertainty band**: fANOVA (seeded) on all finished trials, and its 10th..90th
+  percentile over bootstrap resamples of those trials. With a handful of trials the bands are wide and overlap;
+  the statements say so rather than rank noise.
+* **where the best trials lie**: per parameter, the range (or the choices) of the best quarter of the finished
+  trials against the range searched, and every trial's (value, metric) point for a metric-vs-parameter view.
+* **tuned against the defaults**: the first trial runs lmtune's documented defaults; when the seed confirmation
+  re-ran it with the best trial on the same seeds, the gain is a mean with a standard deviation, and called
+  within seed noise when it is.
+* **per model size**: best score, confirmed mean and standard deviation where confirmed, seconds per trial.
+* **statements**: what can and cannot be concluded yet, in words.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from typing import Any
+
+import optuna
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState
+
+ANSWER_FILE = "answer.json"
+DEFAULT_ATTR = "lmtune_default"
+MIN_TRIALS_FOR_IMPORTANCE = 3
+"""fANOVA needs a few finished trials to fit its forest at all."""
+FEW_TRIALS = 10
+"""Below this many finished trials the importance ranking is called indicative only."""
+BEST_SHARE = 0.25
+"""The share of finished trials whose parameter values make 'the range where the best trials lie'."""
+
+
+def compute_answer(study: optuna.Study, *, confirmation: dict[str, Any] | None = None,
+                   refit: dict[str, Any] | None = None, n_bootstrap: int = 30, seed: int = 0) -> dict[str, Any]:
+    """Everything the answer shows, as plain JSON-ready values (see the module docstring)."""
+    metric = study.user_attrs.get("metric", "value")
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if _finite(t.value)]
+    pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+    searched = _searched_parameters(done)
+    answer: dict[str, Any] = {
+        "metric": metric, "direction": "maximize" if maximize else "minimize",
+        "trials": {"complete": len(done), "pruned": len(pruned)},
+        "importances": importance_bands(study.direction, done, searched, n_bootstrap=n_bootstrap, seed=seed),
+        "parameters": {name: _parameter_view(name, done, maximize) for name in searched},
+        "defaults_vs_tuned": _defaults_vs_tuned(study, done, confirmation, maximize),
+        "sizes": _sizes(study, done, confirmation, maximize),
+        "refit": _refit_view(refit),
+    }
+    answer["statements"] = statements(answer)
+    return answer
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _searched_parameters(done: list[optuna.trial.FrozenTrial]) -> list[str]:
+    """Parameters that took more than one value among the finished trials (a fixed one answers nothing)."""
+    names = sorted({k for t in done for k in t.params})
+    return [n for n in names if len({repr(t.params[n]) for t in done if n in t.params}) > 1]
+
+
+def _importances(direction, trials: list[optuna.trial.FrozenTrial], names: list[str], seed: int) -> dict[str, float]:
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line per resample
+    try:
+        study = optuna.create_study(direction=direction)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    study.add_trials(trials)
+    params = [n for n in names if all(n in t.params for t in trials) and len({repr(t.params[n]) for t in trials}) > 1]
+    if not params:
+        return {}
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+    return {k: float(v) for k, v in optuna.importance.get_param_importances(study, evaluator=evaluator, params=params).items()}
+
+
+def importance_bands(direction, done: list[optuna.trial.FrozenTrial], names: list[str], *, n_bootstrap: int = 30,
+                     seed: int = 0) -> list[dict[str, Any]]:
+    """fANOVA importance of each parameter on all trials, with its 10th..90th percentile over bootstrap resamples;
+    ranked by the importance on all trials. Empty below MIN_TRIALS_FOR_IMPORTANCE finished trials.
+
+    A parameter only some trials have (LoRA rank: only LoRA trials) is scored on resamples where every trial has
+    it; a resample where it took one value gives it importance 0 (it explained nothing there)."""
+    if len(done) < MIN_TRIALS_FOR_IMPORTANCE or not names:
+        return []
+    try:
+        point = _importances(direction, done, names, seed)
+    except Exception:  # e.g. every trial has the same value: nothing to attribute
+        return []
+    rng = random.Random(seed)
+    samples: dict[str, list[float]] = {n: [] for n in point}
+    for b in range(n_bootstrap):
+        resample = [done[rng.randrange(len(done))] for _ in done]
+        try:
+            values = _importances(direction, resample, list(point), seed + 1 + b)
+        except Exception:
+            continue
+        for n in point:
+            if all(n in t.params for t in resample):
+                samples[n].append(values.get(n, 0.0))
+    out = []
+    for name, value in sorted(point.items(), key=lambda kv: -kv[1]):
+        s = sorted(samples[name])
+        out.append({"parameter": name, "importance": round(value, 4),
+                    "low": round(_quantile(s, 0.1), 4) if s else None,
+                    "high": round(_quantile(s, 0.9), 4) if s else None, "resamples": len(s)})
+    return out
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = q * (len(sorted_values) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _best_trials(done: list[optuna.trial.FrozenTrial], maximize: bool) -> list[optuna.trial.FrozenTrial]:
+    ranked = sorted(done, key=lambda t: t.value, reverse=maximize)
+    return ranked[: max(min(3, len(ranked)), math.ceil(BEST_SHARE * len(ranked)))]
+
+
+def _parameter_view(name: str, done: list[optuna.trial.FrozenTrial], maximize: bool) -> dict[str, Any]:
+    """Where the best trials lie for one parameter, against what was searched, and every (value, metric) point."""
+    having = [t for t in done if name in t.params]
+    best = _best_trials(having, maximize)
+    dist = having[0].distributions.get(name) if having else None
+    points = [[t.params[name], t.value, t.number] for t in sorted(having, key=lambda t: t.number)]
+    if isinstance(dist, CategoricalDistribution) or not all(isinstance(t.params[name], (int, float)) for t in having):
+        counts = {repr(c): 0 for c in (dist.choices if isinstance(dist, CategoricalDistribution) else [])}
+        for t in best:
+            counts[repr(t.params[name])] = counts.get(repr(t.params[name]), 0) + 1
+        choices = list(dist.choices) if isinstance(dist, CategoricalDistribution) else sorted({t.params[name] for t in having}, key=repr)
+        return {"kind": "choice", "searched": choices, "best_trials": len(best),
+                "best_counts": {str(c): counts.get(repr(c), 0) for c in choices}, "points": points}
+    values = [t.params[name] for t in best]
+    low = getattr(dist, "low", min(t.params[name] for t in having))
+    high = getattr(dist, "high", max(t.params[name] for t in having))
+    return {"kind": "range", "log": bool(getattr(dist, "log", False)), "searched": [low, high], "best_trials": len(best),
+            "best_range": [min(values), max(values)], "points": points}
+
+
+def _confirmed(confirmation: dict[str, Any] | None) -> dict[int, dict[str, Any]]:
+    out = {}
+    for r in (confirmation or {}).get("results") or []:
+        if isinstance(r, dict) and isinstance(r.get("trial"), int) and _finite(r.get("mean")):
+            out[r["trial"]] = r
+    return out
+
+
+def _defaults_vs_tuned(study, done, confirmation, maximize: bool) -> dict[str, Any] | None:
+    default = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(DEFAULT_ATTR)), None)
+    if default is None or not done:
+        return None
+    confirmed = _confirmed(confirmation)
+    sign = 1.0 if maximize else -1.0
+    best_single = max(done, key=lambda t: sign * t.value)
+    # The tuned side is the configuration the confirmation found best on average, where one ran.
+    tuned_trial = (confirmation or {}).get("most_reliable_trial", best_single.number)
+    tuned = confirmed.get(tuned_trial)
+    base = confirmed.get(default.number)
+    view: dict[str, Any] = {"default_trial": default.number, "default_state": default.state.name,
+                            "default_value": default.value if _finite(default.value) else None,
+                            "tuned_trial": tuned_trial if tuned else best_single.number,
+                            "tuned_value": tuned["mean"] if tuned else best_single.value}
+    if tuned and base and tuned_trial != default.number:
+        same_seeds = list(tuned.get("seeds") or []) == list(base.get("seeds") or [])
+        gain = sign * (tuned["mean"] - base["mean"])
+        noise = math.sqrt(tuned["std"] ** 2 + base["std"] ** 2)
+        view |= {"seeds": tuned.get("seeds"), "same_seeds": same_seeds,
+                 "default_mean": base["mean"], "default_std": base["std"], "tuned_mean": tuned["mean"],
+                 "tuned_std": tuned["std"], "gain": gain, "noise": noise, "within_noise": abs(gain) <= noise}
+    elif view["default_value"] is not None:
+        view |= {"gain": sign * (view["tuned_value"] - view["default_value"]), "seeds": None, "within_noise": None}
+    return view
+
+
+def _sizes(study, done, confirmation, maximize: bool) -> list[dict[str, Any]]:
+    """Per model: trials, best single-seed value, its confirmed mean +- std where confirmed, seconds per trial."""
+    fixed = _fixed_model(study)
+    groups: dict[str, list[optuna.trial.FrozenTrial]] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        groups.setdefault(str(t.params.get("model", fixed)), []).append(t)
+    confirmed = _confirmed(confirmation)
+    sign = 1.0 if maximize else -1.0
+    out = []
+    for model, trials in groups.items():
+        complete = [t for t in trials if t.state == TrialState.COMPLETE and _finite(t.value)]
+        seconds = [t.user_attrs["seconds"] for t in complete if _finite(t.user_attrs.get("seconds"))]
+        best = max(complete, key=lambda t: sign * t.value) if complete else None
+        conf = [confirmed[t.number] for t in complete if t.number in confirmed]
+        best_conf = max(conf, key=lambda r: sign * r["mean"]) if conf else None
+        out.append({"model": model, "complete": len(complete), "pruned": len(trials) - len(complete),
+                    "best_trial": best.number if best else None, "best_value": best.value if best else None,
+                    "confirmed_trial": best_conf["trial"] if best_conf else None,
+                    "confirmed_mean": best_conf["mean"] if best_conf else None,
+                    "confirmed_std": best_conf["std"] if best_conf else None,
+                    "seconds_per_trial": statistics.median(seconds) if seconds else None})
+    out.sort(key=lambda r: (r["best_value"] is None, -sign * (r["best_value"] or 0.0)))
+    return out
+
+
+def _fixed_model(study) -> str:
+    space = study.user_attrs.get("space") or {}
+    value = space.get("model") if isinstance(space, dict) else None
+    return str(value) if value else "model"
+
+
+def _refit_view(refit: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not isinstance(refit, dict):
+        return None
+    keys = ("search_rows", "refit_rows", "search_value", "refit_value", "kept")
+    return {k: refit.get(k) for k in keys}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def statements(answer: dict[str, Any]) -> list[str]:
+    """What can and cannot be concluded yet, in plain words."""
+    out: list[str] = []
+    n = answer["trials"]["complete"]
+    metric = answer["metric"]
+    bands = answer["importances"]
+    if n < MIN_TRIALS_FOR_IMPORTANCE:
+        out.append(f"Only {n} finished trial(s): too few to say which parameters matter; give the search more "
+                   "time (--budget) or trials.")
+    elif bands:
+        top = bands[0]
+        if n < FEW_TRIALS:
+            out.append(f"{n} finished trials: the importances are indicative only; their bands are wide.")
+        if len(bands) > 1 and top["low"] is not None and bands[1]["high"] is not None and top["low"] < bands[1]["high"]:
+            out.append(f"Which matters more, {top['parameter']} or {bands[1]['parameter']}, is not settled: their "
+                       f"bootstrap bands overlap ({top['low']:.2f}..{top['high']:.2f} vs "
+                       f"{bands[1]['low']:.2f}..{bands[1]['high']:.2f}).")
+        elif top["low"] is not None:
+            out.append(f"{top['parameter']} matters most (importance {top['importance']:.2f}, band "
+                       f"{top['low']:.2f}..{top['high']:.2f}).")
+        for b in bands:
+            if b["high"] is not None and b["high"] < 0.05:
+                out.append(f"{b['parameter']}: no sign that it matters here (importance below 0.05 in 9 of 10 resamples).")
+    for name, view in answer["parameters"].items():
+        if view["kind"] == "range":
+            lo, hi = view["best_range"]
+            slo, shi = view["searched"]
+            edge = (lo <= slo and slo < shi) or (hi >= shi and slo < shi)
+            if edge and n >= MIN_TRIALS_FOR_IMPORTANCE:
+                out.append(f"{name}: the best trials reach the edge of the searched range ({_fmt(slo)}..{_fmt(shi)}); "
+                           "the best value may lie outside it.")
+    d = answer.get("defaults_vs_tuned")
+    if d and d.get("within_noise") is not None and "default_mean" in d:
+        verdict = "within seed noise" if d["within_noise"] else "beyond seed noise"
+        out.append(f"Tuning bought {d['gain']:+.4f} {metric} over the defaults on the same seeds "
+                   f"({d['tuned_mean']:.4f} +- {d['tuned_std']:.4f} vs {d['default_mean']:.4f} +- {d['default_std']:.4f}): "
+                   f"{verdict}.")
+    elif d and d.get("gain") is not None:
+        out.append(f"Tuning bought {d['gain']:+.4f} {metric} over the defaults, one seed each: seed noise not measured "
+                   "on the defaults, so this gain is not yet a conclusion.")
+    sizes = [s for s in answer["sizes"] if s["best_value"] is not None]
+    if len(sizes) > 1:
+        first, second = sizes[0], sizes[1]
+        noise = max(first.get("confirmed_std") or 0.0, second.get("confirmed_std") or 0.0)
+        gap = abs(first["best_value"] - second["best_value"])
+        if noise and gap <= noise:
+            cheaper = min(sizes[:2], key=lambda s: s["seconds_per_trial"] or math.inf)
+            out.append(f"{first['model']} and {second['model']} are within seed noise of each other ({gap:.4f} apart); "
+                       f"{cheaper['model']} costs less per trial.")
+        else:
+            out.append(f"{first['model']} gave the best {metric} ({first['best_value']:.4f} vs {second['best_value']:.4f}"
+                       f" for {second['model']})" + ("" if noise else "; one seed each, so this is not yet a conclusion") + ".")
+    if not any(s.get("confirmed_mean") is not None for s in answer["sizes"]):
+        out.append("No seed confirmation ran: every value is one seed, and seed noise is unmeasured.")
+    return out
+
+
+def answer_lines(answer: dict[str, Any]) -> list[str]:
+    """The answer as text lines, for the terminal and summary.md."""
+    metric = answer["metric"]
+    lines = [f"What matters for this task ({answer['trials']['complete']} finished trials, {metric}, "
+             f"{answer['direction']}):"]
+    for b in answer["importances"]:
+        band = f" (band {b['low']:.2f}..{b['high']:.2f})" if b["low"] is not None else ""
+        view = answer["parameters"].get(b["parameter"], {})
+        lines.append(f"  {b['parameter']:<18} importance {b['importance']:.2f}{band}; {_where(view)}")
+    for name, view in answer["parameters"].items():
+        if name not in {b["parameter"] for b in answer["importances"]}:
+            lines.append(f"  {name:<18} {_where(view)}")
+    for s in answer["sizes"]:
+        if s["best_value"] is None:
+            continue
+        conf = (f", confirmed {s['confirmed_mean']:.4f} +- {s['confirmed_std']:.4f}"
+                if s["confirmed_mean"] is not None else "")
+        secs = f", {s['seconds_per_trial']:.0f} s/trial" if s["seconds_per_trial"] else ""
+        lines.append(f"  size {s['model']}: best {s['best_value']:.4f} (trial {s['best_trial']}){conf}{secs}")
+    lines += [f"  - {s}" for s in answer["statements"]]
+    return lines
+
+
+def _where(view: dict[str, Any]) -> str:
+    if not view:
+        return ""
+    if view["kind"] == "range":
+        lo, hi = view["best_range"]
+        return (f"best {view['best_trials']} trials at {_fmt(lo)}..{_fmt(hi)} "
+                f"(searched {_fmt(view['searched'][0])}..{_fmt(view['searched'][1])})")
+    counts = ", ".join(f"{k}: {v}" for k, v in view["best_counts"].items())
+    return f"best {view['best_trials']} trials: {counts}"

@@ -1,0 +1,103 @@
+"""The answer a study ends with, on synthetic studies whose truth is known: the learning rate decides the metric,
+the batch size is noise; the defaults are trial 0."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from lmtune.tune.answer import DEFAULT_ATTR, answer_lines, compute_answer
+
+LR = FloatDistribution(1e-5, 1e-3, log=True)
+BATCH = CategoricalDistribution((8, 16, 32))
+MODEL = CategoricalDistribution(("small", "large"))
+
+
+def accuracy(lr: float, batch: int, model: str, rng: random.Random) -> float:
+    """Peaks at lr 1e-4 whatever the batch size; the large model is 0.02 better; noise 0.002."""
+    return 0.9 - 0.05 * (math.log10(lr) + 4) ** 2 + (0.02 if model == "large" else 0.0) + rng.gauss(0, 0.002)
+
+
+def synthetic_study(n: int, seed: int = 0, models: bool = False) -> optuna.Study:
+    rng = random.Random(seed)
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("metric", "accuracy")
+    study.set_user_attr("space", {"model": "small"})
+    for i in range(n):
+        params = {"learning_rate": 10 ** rng.uniform(-5, -3), "global_batch_size": rng.choice([8, 16, 32])}
+        dists = {"learning_rate": LR, "global_batch_size": BATCH}
+        if i == 0:
+            params = {"learning_rate": 5e-5, "global_batch_size": 16}
+        if models:
+            params["model"] = ["small", "large"][i % 2]
+            dists["model"] = MODEL
+        value = accuracy(params["learning_rate"], params["global_batch_size"], params.get("model", "small"), rng)
+        study.add_trial(create_trial(params=params, distributions=dists, value=value, state=TrialState.COMPLETE,
+                                     user_attrs={"seconds": 100.0 * (2 if params.get("model") == "large" else 1)}
+                                     | ({DEFAULT_ATTR: True} if i == 0 else {})))
+    return study
+
+
+def test_the_parameter_that_decides_the_metric_ranks_first_with_a_band_clear_of_the_noise_parameter():
+    answer = compute_answer(synthetic_study(40), n_bootstrap=20)
+    bands = {b["parameter"]: b for b in answer["importances"]}
+    assert answer["importances"][0]["parameter"] == "learning_rate"
+    assert bands["learning_rate"]["low"] > bands["global_batch_size"]["high"]
+    assert bands["learning_rate"]["low"] <= bands["learning_rate"]["importance"] <= bands["learning_rate"]["high"]
+    lo, hi = answer["parameters"]["learning_rate"]["best_range"]
+    assert lo < 1e-4 < hi and hi / lo < 10  # the best quarter sits around the true optimum
+    assert "learning_rate matters most" in " ".join(answer["statements"])
+
+
+def test_the_same_trials_give_the_same_answer():
+    assert compute_answer(synthetic_study(12), n_bootstrap=10) == compute_answer(synthetic_study(12), n_bootstrap=10)
+
+
+def test_few_trials_say_so_and_two_trials_give_no_ranking():
+    few = compute_answer(synthetic_study(6), n_bootstrap=10)
+    assert any("indicative only" in s for s in few["statements"])
+    two = compute_answer(synthetic_study(2), n_bootstrap=10)
+    assert two["importances"] == [] and any("too few" in s for s in two["statements"])
+    assert any("No seed confirmation" in s for s in two["statements"])
+
+
+def test_defaults_against_tuned_on_the_same_seeds_with_noise_called_out():
+    study = synthetic_study(20)
+    best = max(study.trials, key=lambda t: t.value)
+    confirmation = {"most_reliable_trial": best.number, "results": [
+        {"trial": best.number, "seeds": [0, 1, 2], "values": [0.90, 0.89, 0.91], "mean": 0.90, "std": 0.01},
+        {"trial": 0, "seeds": [0, 1, 2], "values": [0.80, 0.81, 0.79], "mean": 0.80, "std": 0.01}]}
+    d = compute_answer(study, confirmation=confirmation, n_bootstrap=5)["defaults_vs_tuned"]
+    assert d["default_trial"] == 0 and d["same_seeds"] is True
+    assert d["gain"] == pytest.approx(0.10) and d["within_noise"] is False
+    close = {"most_reliable_trial": best.number, "results": [
+        {"trial": best.number, "seeds": [0, 1, 2], "values": [0.9, 0.8, 0.85], "mean": 0.85, "std": 0.05},
+        {"trial": 0, "seeds": [0, 1, 2], "values": [0.84, 0.83, 0.85], "mean": 0.84, "std": 0.01}]}
+    answer = compute_answer(study, confirmation=close, n_bootstrap=5)
+    assert answer["defaults_vs_tuned"]["within_noise"] is True
+    assert any("within seed noise" in s for s in answer["statements"])
+
+
+def test_minimised_metric_counts_a_lower_value_as_a_gain():
+    study = optuna.create_study(direction="minimize")
+    study.set_user_attr("metric", "val_loss")
+    for i, (lr, loss) in enumerate([(5e-5, 2.0), (1e-4, 1.5), (3e-4, 1.7), (1e-5, 2.5)]):
+        study.add_trial(create_trial(params={"learning_rate": lr}, distributions={"learning_rate": LR}, value=loss,
+                                     user_attrs={DEFAULT_ATTR: True} if i == 0 else {}))
+    answer = compute_answer(study, n_bootstrap=5)
+    assert answer["defaults_vs_tuned"]["tuned_value"] == 1.5 and answer["defaults_vs_tuned"]["gain"] == pytest.approx(0.5)
+    assert answer["parameters"]["learning_rate"]["best_range"] == [5e-5, 3e-4]  # the best 3 of 4: losses 1.5, 1.7, 2.0
+
+
+def test_per_size_best_cost_and_lines():
+    answer = compute_answer(synthetic_study(24, models=True), n_bootstrap=5)
+    sizes = {s["model"]: s for s in answer["sizes"]}
+    assert answer["sizes"][0]["model"] == "large"
+    assert sizes["large"]["seconds_per_trial"] == 200.0 and sizes["small"]["seconds_per_trial"] == 100.0
+    text = "\n".join(answer_lines(answer))
+    assert "size large: best" in text and "learning_rate" in text
