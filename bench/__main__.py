@@ -6,6 +6,7 @@
     python -m bench search --budget 10m
     python -m bench quality --rows 2000
     python -m bench all --quick
+    python -m bench gpu --out bench/results          # CUDA: lmtune vs Trainer (best GPU flags), a tiny study; --tiny on CPU
 """
 
 from __future__ import annotations
@@ -56,7 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--test-rows", type=int, default=2000)
     a = sub.add_parser("all", help="every benchmark; --quick: the smallest setting (< 15 min on 2 idle cores)")
     a.add_argument("--quick", action="store_true")
+    from bench import gpu
+    g = sub.add_parser("gpu", help="CUDA: both tasks in bf16 vs Trainer's best GPU flags, decoding, a tiny study (--tiny: CPU)")
+    gpu.add_arguments(g)
     ns = p.parse_args(argv)
+
+    if ns.cmd == "gpu":
+        return gpu.run(ns)
 
     from bench import quality, search, throughput
     if ns.cmd == "throughput":

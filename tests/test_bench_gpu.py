@@ -1,0 +1,121 @@
+"""bench/gpu.py (`python -m bench gpu`): the GPU check's code paths, run here with --tiny on the CPU.
+
+The inputs are built in the test (a byte-level BPE tokenizer, Llama and Gemma 3 configs, sentiment and
+prompt -> completion files), so the test needs neither the real tokenizers of .gpu-assets nor a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import build_tokenizer, make_sentence, write_sentiment
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PARTS = ("cls-smollm2", "cls-gemma3", "gen-smollm2", "gen-gemma3")
+
+
+def _assets(root: Path) -> dict[str, Path]:
+    """Model folders (config.json + tokenizer, no weights) and a data folder laid out as .gpu-assets/ is."""
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    tok = build_tokenizer()
+    common = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                  max_position_embeddings=256, tie_word_embeddings=True)
+    llama, gemma, data = root / "smollm2", root / "gemma3", root / "data"
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, **common).save_pretrained(llama)
+    Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+                     layer_types=["sliding_attention", "sliding_attention", "full_attention"], **common).save_pretrained(gemma)
+    for folder in (llama, gemma):
+        tok.save_pretrained(folder)
+    write_sentiment(data / "sst2" / "train.tsv", 160, seed=1)
+    write_sentiment(data / "sst2" / "validation.tsv", 48, seed=2)
+    rng = random.Random(0)
+    for name, groups in (("train.csv", 60), ("test.csv", 12)):
+        rows = ["mr,ref"]
+        for _ in range(groups):
+            mr = make_sentence(rng, rng.choice(["pos", "neg"]))
+            rows += [f"{mr},{make_sentence(rng, 'pos')}" for _ in range(2)]  # two references per prompt, as in E2E
+        (data / "e2e_nlg").mkdir(parents=True, exist_ok=True)
+        (data / "e2e_nlg" / name).write_text("\n".join(rows) + "\n")
+    return {"model_dir": llama, "gemma_dir": gemma, "data_dir": data}
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_every_part(tmp_path):
+    a = _assets(tmp_path / "assets")
+    out = tmp_path / "out"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", LMTUNE_CACHE=str(tmp_path / "cache"))
+    p = subprocess.run([sys.executable, "-m", "bench", "gpu", "--tiny", "--out", str(out), "--model-dir", str(a["model_dir"]),
+                        "--gemma-dir", str(a["gemma_dir"]), "--data-dir", str(a["data_dir"])],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    res = json.loads((out / "gpu-cpu-tiny.json").read_text())
+    assert res["errors"] == [] and res["skipped"] == []
+    assert res["finished"] and res["settings"]["tiny"] is True and res["machine"]["torch"]
+    assert set(res["models"]) == {"smollm2", "gemma3"}
+    assert set(res["parts"]) >= {*TRAIN_PARTS, "decode-smollm2", "study-smollm2"}
+    for pid in TRAIN_PARTS:
+        part = res["parts"][pid]
+        assert set(part["contenders"]) == {"lmtune", "trainer"}, pid
+        for name, r in part["contenders"].items():
+            assert "error" not in r, (pid, name, r.get("traceback"))
+            assert r["steps_done"] == res["settings"]["steps"], (pid, name)
+            for k in ("median_s_per_step", "mean_s_per_step", "tokens_per_s", "val_loss", "eval_seconds", "peak_rss_mb"):
+                assert _finite(r[k]) and r[k] >= 0, (pid, name, k, r[k])
+            assert r["tokens_per_s"] > 0 and r["attn_implementation"], (pid, name)
+            if pid.startswith("cls"):
+                assert 0 <= r["val_accuracy"] <= 1
+        assert part["contenders"]["lmtune"]["timing_source"] == "step hooks"
+        for k in ("step_speedup_mean", "step_speedup_median", "tokens_per_s_ratio", "val_loss_diff"):
+            assert _finite(part["ratios"][k]), (pid, k)
+    d = res["parts"]["decode-smollm2"]["contenders"]["decode"]
+    assert _finite(d["lmtune_s"]) and _finite(d["plain_s"]) and d["prompts"] > 0
+    assert d["lmtune_new_tokens"] > 0 and 0 <= d["identical_outputs"] <= d["prompts"]
+    assert set(d["generate_and_score_metrics"]) >= {"exact_match", "rougeL", "bleu", "chrf"}
+    st = res["parts"]["study-smollm2"]["contenders"]["study"]
+    assert len(st["trials"]) == 3 and st["counts"]["complete"] + st["counts"]["pruned"] == 3, st["trials"]
+    assert _finite(st["wall_s"]) and st["best_saved"]
+    md = (out / "gpu-cpu-tiny.md").read_text()
+    assert "| cls-smollm2 |" in md and "### Decoding" in md and "### Study" in md
+    assert (out / "gpu-cpu-tiny-logs" / "cls-smollm2-lmtune.log").is_file()
+
+
+def test_without_cuda_it_says_so(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from bench import gpu
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu.main(["--out", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_markdown_shows_failures_and_partial_results():
+    from bench import gpu
+    res = {"started": "now", "finished": None, "seconds": 12.0, "settings": {"tiny": False, "batch": 32, "lr": 1e-4, "warmup_ratio": 0.06,
+           "weight_decay": 0.01, "steps": 30, "warmup_steps": 2, "cls": {"rows": 4000, "max_length": 64},
+           "gen": {"rows": 3000, "max_length": 128}},
+           "machine": {"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11"},
+           "parts": {"cls-smollm2": {"kind": "train", "shape_name": "SmolLM2", "contenders": {
+               "lmtune": {"median_s_per_step": 0.05, "mean_s_per_step": 0.051, "tokens_per_s": 1e5, "precision": "bf16"},
+               "trainer": {"error": "RuntimeError: boom", "traceback": "..."}}},
+               "study-smollm2": {"kind": "study", "shape_name": "SmolLM2", "contenders": {}}},
+           "errors": [{"part": "cls-smollm2", "contender": "trainer", "error": "RuntimeError: boom"}],
+           "skipped": [{"part": "gen-gemma3", "why": "budget: 3 s left"}]}
+    md = gpu.markdown(res)
+    assert "FAILED: RuntimeError: boom" in md and "skipped gen-gemma3" in md and "cut short" in md
+    assert gpu.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
