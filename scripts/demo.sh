@@ -25,6 +25,10 @@ python -m bench.baselines tfidf --train "$DATA/train.tsv" --test "$DATA/test.tsv
 # pruning stops the weak ones after half an epoch. Its first trial is lmtune's default configuration; the
 # winner is then refit on the same 2,000 rows step 1 trained on (--refit-rows), so best/ is comparable with
 # step 1's model. Rerunning this line resumes the study.
+echo "== 3a. plan: what the search will cost, before it runs (a few real steps per batch size, cached) =="
+lmtune plan --model smollm2-135m-instruct --data "$DATA/train.tsv" --val-file "$DATA/validation.tsv" \
+  --max-train-rows "${TUNE_ROWS:-1000}" --refit-rows "$ROWS" --max-val-rows 400 --max-length 64 --epochs 1..2 \
+  --budget "${BUDGET:-15m}" --n-trials 12 --confirm-seeds 0 --out "$OUT/tune"
 echo "== 3. tune: learning rate, batch size, epochs, warmup, weight decay (budget ${BUDGET:-15m}) =="
 lmtune tune --model smollm2-135m-instruct --data "$DATA/train.tsv" --val-file "$DATA/validation.tsv" \
   --max-train-rows "${TUNE_ROWS:-1000}" --refit-rows "$ROWS" --max-val-rows 400 --max-length 64 --epochs 1..2 \

@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="Machine-readable output.")
 
     try:
-        from lmtune.tune.cli import add_tune_parser
+        from lmtune.tune.cli import add_plan_parser, add_tune_parser
         add_tune_parser(sub)
+        add_plan_parser(sub)
     except ImportError:
         pass
     try:

@@ -420,6 +420,10 @@ class TuneConfig:
     """A RUNNING trial without a heartbeat for this many seconds is failed and retried."""
     threads_per_worker: int | None = None
     """Math threads of this worker; default: this machine's cores shared evenly among the `lmtune tune` workers running on it (rechecked before each trial)."""
+    plan: bool = True
+    """Before the search, print what each configuration costs (parameters, peak memory, seconds per step and per trial, trials that fit --budget) from a short calibration cached per machine (see `lmtune plan`), and never train a configuration that would not fit in memory; --no-plan skips it."""
+    memory_limit: str | None = None
+    """Memory a trial may use, e.g. 20GiB or 512MiB: configurations the plan expects to need more are reported and not trained (default: the memory available when the search starts: free RAM, or free GPU memory)."""
     show: bool = False
     """Print the state of the study (running or finished) and exit."""
 
@@ -442,8 +446,17 @@ class TuneConfig:
         _check(self, self.grace_period > self.heartbeat_interval, "grace_period", "must exceed --heartbeat-interval", self.grace_period)
         if self.budget is not None:
             self.budget_seconds  # validates
+        if self.memory_limit is not None:
+            self.memory_limit_bytes  # validates
         if self.n_trials is None and self.budget is None and not self.show:
             raise ConfigError("--n-trials none needs a --budget, or the search would never end")
+
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        if self.memory_limit is None:
+            return None
+        from lmtune._memory import parse_size
+        return parse_size(self.memory_limit, "--memory-limit")
 
     @property
     def budget_seconds(self) -> float | None:

@@ -94,7 +94,8 @@ def test_row5_signal_fails_and_requeues_then_rerun_completes(tune_data, tiny_lla
 
 
 def test_row10_diverging_trial_is_pruned_never_complete(tune_data, tiny_llama, tmp_path):
-    """lr = 1000 with weight decay 0.1 makes the tiny model's loss NaN within a few steps."""
+    """lr = 1000 with weight decay 0.1 makes the tiny model's loss explode within a few steps: NaN, or (since a new
+    head starts at zero) a finite loss millions of times the starting one, which the divergence check stops first."""
     out = tmp_path / "s"
     code = main(base_args(tune_data, tiny_llama, out, "--lr", "1000,3e-3", "--weight-decay", "0.1", "--n-trials", "4",
                           "--pruner", "none", "--epochs", "1"))
@@ -104,7 +105,8 @@ def test_row10_diverging_trial_is_pruned_never_complete(tune_data, tiny_llama, t
     assert diverged, "the sampler never tried lr=1000; choose another --sampler-seed"
     for t in diverged:
         assert t.state.name in ("PRUNED", "FAIL")
-        assert "diverged" in t.user_attrs["fail_reason"] and "nan" in t.user_attrs["fail_reason"].lower()
+        reason = t.user_attrs["fail_reason"].lower()
+        assert "diverged" in reason and ("nan" in reason or "x the starting loss" in reason), reason
     complete = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
     assert complete and all(math.isfinite(t.value) for t in complete)
     assert all(t.params["learning_rate"] != 1000 for t in complete)

@@ -121,3 +121,32 @@ def test_leaderboard_ranks_unfinished_trials_in_the_study_direction():
     pruned = {r["trial"]: r["val_loss"] for r in rows if r["state"] == "PRUNED"}
     assert pruned == {1: 0.6, 2: 0.0}  # the lowest loss so far, not the highest
     assert [r["trial"] for r in rows] == [0, 2, 1]  # 0.0 is a value, not "missing"
+
+
+def test_the_answer_is_one_computation_shown_everywhere(tune_data, tiny_llama, tmp_path, capsys):
+    """A small study with seed confirmation: the defaults are confirmed on the winner's seeds, answer.json holds the
+    computation, and the terminal, --show, summary.md and report.html all show it."""
+    out = tmp_path / "s"
+    args = base_args(tune_data, tiny_llama, out, "--lr", "1e-4..1e-2:log", "--n-trials", "4", "--pruner", "none",
+                     "--sampler-seed", "3")
+    args[args.index("--confirm-seeds") + 1] = "1"
+    assert main(args + ["--confirm-top", "2"]) == 0
+    terminal = capsys.readouterr().out
+    answer = json.loads((out / "answer.json").read_text())
+    confirmed = {r["trial"] for r in json.loads((out / "confirm.json").read_text())["results"]}
+    assert 0 in confirmed  # the default configuration, on the same seeds as the best trial
+    d = answer["defaults_vs_tuned"]
+    assert d["default_trial"] == 0 and d["same_seeds"] is True and d["seeds"] == [0, 1]
+    bands = {b["parameter"]: b for b in answer["importances"]}
+    assert "learning_rate" in bands and all(b["low"] <= b["high"] for b in bands.values())
+    assert answer["parameters"]["learning_rate"]["searched"] == [1e-4, 1e-2]
+    assert any("indicative only" in s for s in answer["statements"])  # 4 trials: said out loud
+    assert "What matters for this task (4 finished trials" in terminal
+    assert main(["tune", "--out", str(out), "--show"]) == 0
+    assert "What matters for this task (4 finished trials" in capsys.readouterr().out
+    from lmtune.report import write_report
+
+    write_report(str(out))
+    assert "What matters for this task" in (out / "summary.md").read_text()
+    html = (out / "report.html").read_text()
+    assert "The answer: what matters for this task" in html and answer["statements"][0][:40] in html

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +23,12 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from lmtune.errors import StudyError
+from lmtune.report._answer import ANSWER_FILE, answer_section, read_answer
 from lmtune.report._page import (BEST_COLOR, MUTED_COLOR, TRAIN_COLOR, Cell, Page, esc, fcount, fparam, log_ticks, metric_scale,
                                  num_cell, scale_color, style)
 from lmtune.report._run import (RUN_RECORD, TEXT_METRICS, RunData, _finite, _json_type, add_run_sections, guarded,
                                 higher_is_better, inside, load_run, read_record, resolve_name, safe_file)
+from lmtune.tune.answer import answer_lines
 
 STUDY_RECORD = "study.json"
 
@@ -44,6 +47,7 @@ class StudyData:
     refit: dict[str, Any] | None = None
     best_run: RunData | None = None
     best_run_dir: Path | None = None
+    plan_check: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -163,6 +167,7 @@ def load_study(folder: str | Path) -> StudyData:
             data.problems.append(f"refit.json is not valid JSON ({e}); the refit is not shown")
         else:
             data.refit = _check_refit(raw, data.problems)
+    data.plan_check = _read_plan_check(folder, data.problems)
     best_dir, problem = resolve_name(folder, _or(meta.get("best_dir"), "best"), f"{STUDY_RECORD} 'best_dir'")
     if problem:
         data.problems.append(problem + ", so the best trial's run report is not shown")
@@ -341,6 +346,8 @@ def add_study_sections(page: Page, sd: StudyData, best_link: str | None) -> None
     page.section("Overview")
     guarded(page, "The overview", _overview, page, sd)
     guarded(page, "The note on the winner", _winner_note, page, sd)
+    page.section("The answer: what matters for this task")
+    guarded(page, "The answer", answer_section, page, sd.folder)
 
     page.section("Leaderboard")
     guarded(page, "The leaderboard", _leaderboard, page, sd)
@@ -354,6 +361,8 @@ def add_study_sections(page: Page, sd: StudyData, best_link: str | None) -> None
     guarded(page, "The learning rate x batch size chart", _lr_batch, page, sd)
     page.section("Model size, metric and cost")
     guarded(page, "The cost chart", _cost_chart, page, sd)
+    page.section("How good was the plan")
+    guarded(page, "The plan check", _plan_check, page, sd)
     page.section("What tuning bought, and what best/ holds")
     guarded(page, "The default-vs-best comparison", _handed_back, page, sd)
     page.section("Is the winner real? Seed confirmation")
@@ -804,6 +813,59 @@ def _cost_chart(page: Page, sd: StudyData) -> None:
                 + " Complete trials only; time includes evaluation.")
 
 
+PLAN_CHECK = "plan_check.json"
+
+
+def _read_plan_check(folder: Path, problems: list[str]) -> dict[str, Any] | None:
+    """``plan_check.json`` (lmtune.tune.plan.PlanCheck), read like every file here: inside the folder, checked types."""
+    path = folder / PLAN_CHECK
+    if not path.exists() or not safe_file(folder, path, PLAN_CHECK, problems):
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        problems.append(f"{PLAN_CHECK} is not valid JSON ({e}); the plan check is not shown")
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("trials"), list):
+        problems.append(f"{PLAN_CHECK}: expected an object with a 'trials' list; the plan check is not shown")
+        return None
+    raw["trials"] = [t for t in raw["trials"] if isinstance(t, dict)]
+    return raw
+
+
+def _pct(v: Any) -> Cell:
+    return num_cell(v, 1, text=f"{v:+.0f}%" if _finite(v) else "")
+
+
+def _plan_check(page: Page, sd: StudyData) -> None:
+    """Predicted against actual seconds (and peak memory) per finished trial: how far to trust `lmtune plan`."""
+    pc = sd.plan_check
+    if not pc or not pc["trials"]:
+        page.note("No plan check (plan_check.json): the search ran with --no-plan, or no trial has finished yet.")
+        return
+    trials = sorted(pc["trials"], key=lambda t: t.get("trial") if _finite(t.get("trial")) else 0)
+    time_err = [abs(t["time_error_pct"]) for t in trials if _finite(t.get("time_error_pct"))]
+    mem_err = [abs(t["memory_error_pct"]) for t in trials if _finite(t.get("memory_error_pct"))]
+    page.facts([
+        ("trials checked", str(len(trials))),
+        ("time per trial", f"median |error| {statistics.median(time_err):.0f}% over {len(time_err)} trial(s)" if time_err else None),
+        ("peak memory", f"median |error| {statistics.median(mem_err):.0f}% over {len(mem_err)} trial(s)" if mem_err else None),
+    ])
+    rows = []
+    for t in trials:
+        rows.append([num_cell(t.get("trial"), 0), str(t.get("state", "")), num_cell(t.get("predicted_ran_s"), 1),
+                     num_cell(t.get("actual_s"), 1), _pct(t.get("time_error_pct")), num_cell(t.get("predicted_s"), 1),
+                     num_cell(t.get("evaluations"), 0), num_cell(t.get("predicted_peak_gib"), 2), num_cell(t.get("peak_gib"), 2),
+                     _pct(t.get("memory_error_pct"))])
+    page.table(["trial", "state", "predicted s", "actual s", "time error", "predicted s (whole trial)", "evaluations",
+                "predicted peak GiB", "measured peak GiB", "memory error"], rows, drop_empty=True,
+               caption="The plan priced each trial before it ran (lmtune plan: a calibration of a few real steps on this "
+                       "machine, and a memory formula). 'predicted s' is the prediction for what the trial ran (a pruned "
+                       "trial stops early: its steps and evaluations so far); an error above 0 means the plan expected "
+                       "more time or memory than the trial took. Peak memory is measured as the calibration measures it "
+                       "(the resident-set high-water mark on a CPU, max_memory_allocated on a GPU).")
+
+
 def _confirm_results(sd: StudyData) -> list[dict[str, Any]]:
     out = []
     for r in (sd.confirm or {}).get("results") or []:
@@ -891,6 +953,12 @@ def study_summary(sd: StudyData, html_path: str | None = None) -> str:
     for r in res:
         lines.append(f"- confirmed: trial #{r.get('trial')} {sd.metric} {r['mean']:.4f} ± {r['std']:.4f} over {len(r['values'])} seeds")
     lines += [f"- {line}" for line in _handed_back_lines(sd)]
+    answer, _ = read_answer(sd.folder)
+    if answer is not None:
+        try:
+            lines += ["", "## The answer", "", "```", *answer_lines(answer), "```", ""]
+        except (KeyError, TypeError, ValueError):
+            lines.append(f"- problem: {ANSWER_FILE} could not be read as lmtune tune writes it")
     for p in sd.problems:
         lines.append(f"- problem: {p}")
     if html_path:

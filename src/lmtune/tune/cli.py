@@ -19,6 +19,23 @@ def add_tune_parser(sub) -> None:
         "tune", help="Search model, learning rate, batch size, epochs ... with Optuna.",
         description="Search the key parameters with Optuna (TPE + pruning). Search flags take a declaration: "
                     "'1e-5..1e-3:log', '1..4', '8,16,32' or a single value. Rerun the same command to resume.")
+    _add_search_flags(p)
+    p.set_defaults(handler=cmd_tune)
+
+
+def add_plan_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="What a search will cost, before it runs: memory, seconds per step and per trial, trials in --budget.",
+        description="Price every model x method x batch size x max length of the search `lmtune tune` would run with "
+                    "the same flags: parameters, peak memory (and whether it fits), seconds per optimizer step, "
+                    "per evaluation and per trial, and how many trials fit --budget. Time comes from a few real "
+                    "steps on your rows, cached per machine, so a second plan is instant. Writes OUT/plan.json.")
+    _add_search_flags(p)
+    p.set_defaults(handler=cmd_plan)
+
+
+def _add_search_flags(p) -> None:
+    """The flags of `lmtune tune`, which `lmtune plan` takes too (so a plan prices exactly the search that runs)."""
     p.add_argument("--config", metavar="YAML", help="Settings from YAML (sections data, model, train, search, tune); flags override.")
     p.add_argument("--print-config", action="store_true", help="Print the resulting configuration as YAML and exit.")
     add_dataclass_flags(p, SearchConfig, "search")
@@ -30,7 +47,6 @@ def add_tune_parser(sub) -> None:
                    help="Study folder: study.db, the best model (best/), leaderboard, report (default runs/tune).")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                    help="Write report.html at the end (default: True).")
-    p.set_defaults(handler=cmd_tune)
 
 
 def configs_from_args(ns) -> tuple[RunConfig, SearchConfig, TuneConfig]:
@@ -79,4 +95,16 @@ def cmd_tune(ns) -> int:
             pass
         except Exception as e:  # a broken plot must never cost the user a finished study
             log.warning(f"warning: report not written ({type(e).__name__}: {e})")
+    return 0
+
+
+def cmd_plan(ns) -> int:
+    from lmtune.tune.plan import plan
+
+    run, sc, tc = configs_from_args(ns)
+    if ns.print_config:
+        d = {"search": dataclasses.asdict(sc), "tune": dataclasses.asdict(tc)} | run.to_dict()
+        print(to_yaml(d), end="")
+        return 0
+    plan(run, sc, tc)
     return 0

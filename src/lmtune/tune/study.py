@@ -15,6 +15,7 @@ Reliability design (ENGINEERING.md §3):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -40,6 +41,7 @@ from lmtune._console import log
 from lmtune._io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from lmtune.config import RunConfig, SearchConfig, TuneConfig
 from lmtune.errors import ConfigError, DivergenceError, Interrupted, LmtuneError, ModelError, StudyError
+from lmtune.tune.answer import ANSWER_FILE, DEFAULT_ATTR, answer_lines, compute_answer
 from lmtune.tune.space import SEARCHABLE, SearchSpace, build_space
 
 STUDY_FILE = "study.json"
@@ -47,9 +49,6 @@ STUDY_FILE = "study.json"
 _FAULT_ENV = "LMTUNE_FAULT_KILL_AFTER_EVALS"
 _evals_seen = 0
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-DEFAULT_ATTR = "lmtune_default"
 REFIT_FILE = "refit.json"
 
 
@@ -221,9 +220,10 @@ def _fail_dead_local_trials(study: optuna.Study) -> None:
 
 
 def _counts(study: optuna.Study) -> dict[str, int]:
-    out = {s.name.lower(): 0 for s in TrialState} | {"surplus": 0}
+    out = {s.name.lower(): 0 for s in TrialState} | {"surplus": 0, "unfit": 0}
     for t in study.get_trials(deepcopy=False):
-        out["surplus" if t.system_attrs.get(_SURPLUS) else t.state.name.lower()] += 1
+        kind = "surplus" if t.system_attrs.get(_SURPLUS) else "unfit" if t.system_attrs.get(_UNFIT) else t.state.name.lower()
+        out[kind] += 1
     return out
 
 
@@ -341,10 +341,16 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
     longest = _longest(space.dims.get("max_length"), run.train.max_length)
     for name in model_names:  # fail before the study starts, not in every trial
         check_max_length(dataclasses.replace(run.model, name=name), longest, resolve(name, run.model.cache_dir))
+    plan = _make_plan(run, space, tc, task, bundle, out)
+    plan_check = None
+    if plan is not None:
+        from lmtune.tune.plan import PlanCheck
+        plan_check = PlanCheck(out)
     direction = "maximize" if run.train.higher_is_better else "minimize"
     meta = {"study_name": tc.study_name, "storage": url, "task": task.name, "metric": run.train.metric, "direction": direction,
             "space": space.describe(), "space_json": space.to_json(), "best_dir": "best", "confirmation": "confirm.json",
-            "n_trials": tc.n_trials, "data": run.data.__dict__, "base_config": run.to_dict()}
+            "n_trials": tc.n_trials, "data": run.data.__dict__, "base_config": run.to_dict(),
+            "plan": "plan.json" if plan is not None else None}
 
     storage = open_storage(url, tc)
     created = False
@@ -402,7 +408,7 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
     finish = _FinishPlan(tc, budget, refit_scale=(refit_rows / n_train) if refit_rows else 0.0)
     if budget is not None:
         log.info(finish.outlook(study, trial_seconds, time.time() - t_start))
-    consecutive_errors = 0
+    consecutive_errors = unfit_in_a_row = 0
     current: list[optuna.Trial] = []  # the trial this worker holds (RUNNING), if any
     old_handlers = _raise_on_signals()
     try:
@@ -442,13 +448,22 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
                 log.info(f"trial {trial.number}: {now.describe()}")
                 threads = now
             trial.set_user_attr("threads", now.threads)
+            if plan is not None and not _admit(plan, study, trial, space, run):
+                current.clear()
+                unfit_in_a_row += 1
+                if unfit_in_a_row >= _MAX_UNFIT_IN_A_ROW:
+                    raise StudyError(f"the sampler proposed {unfit_in_a_row} configurations in a row that would not fit "
+                                     "in memory; narrow the search space (see the plan above) or raise --memory-limit")
+                continue
+            unfit_in_a_row = 0
             t0 = time.time()
-            with _Heartbeat(study._storage, trial_id, tc.heartbeat_interval):
+            with _Heartbeat(study._storage, trial_id, tc.heartbeat_interval), _trial_meter(plan) as meter:
                 state = _run_trial(study, trial, space, run, tc, out, n_train, resources, train)
             current.clear()
             consecutive_errors = 0 if state != TrialState.FAIL else consecutive_errors + 1
             if state in FINISHED:
                 trial_seconds.append(time.time() - t0)
+                _check_plan(plan_check, study, trial_id, meter)
                 if budget is not None and len(trial_seconds) == 1:
                     log.info(finish.outlook(study, trial_seconds, time.time() - t_start))
             if consecutive_errors >= 3:
@@ -480,7 +495,62 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
             result.refit = refit(study, space, run, tc, out, n_train, refit_rows, resources, train)
         study.set_user_attr("finish_done", True)
     _write_outputs(study, out, run.train.metric, result)
+    if plan_check is not None and plan_check.line():
+        log.info(plan_check.line())
     return result
+
+
+# ---- the plan: what each configuration costs, known before the search (lmtune.tune.plan) ----------------
+
+_UNFIT = "lmtune_unfit"
+_MAX_UNFIT_IN_A_ROW = 50
+
+
+def _make_plan(run: RunConfig, space: SearchSpace, tc: TuneConfig, task, bundle, out: Path):
+    """The plan of this search (calibrated once per machine, then cached), printed and kept as ``plan.json``;
+    None with --no-plan."""
+    if not tc.plan:
+        return None
+    from lmtune.tune.plan import PLAN_FILE, log_plan, make_plan
+
+    plan = make_plan(run, space, tc, task=task, bundle=bundle, scratch=out / ".plan-scratch")
+    log_plan(plan)
+    atomic_write_json(out / PLAN_FILE, plan.to_json())
+    return plan
+
+
+def _admit(plan, study, trial, space: SearchSpace, run: RunConfig) -> bool:
+    """Whether a trial's configuration fits in memory, by the plan. One that does not is failed now, before any
+    training, with the reason, and is not counted as finished (its slot runs again with new parameters); one that
+    fits records the plan's prediction, which the plan check compares with what the trial took."""
+    params = space.complete(space.sample(trial))  # the trial's own draw: _run_trial gets the same values back
+    prediction = plan.predict(params, run)
+    if prediction.fits:
+        for key, value in prediction.attrs().items():
+            trial.set_user_attr(key, value)
+        return True
+    trial.set_user_attr("fail_reason", f"not run: would not fit in memory ({prediction.reason})")
+    study._storage.set_trial_system_attr(trial._trial_id, _UNFIT, True)
+    study.tell(trial, state=TrialState.FAIL)
+    log.info(f"trial {trial.number}: not run, " + ", ".join(f"{k}={_fmt(v)}" for k, v in params.items())
+             + f" would not fit in memory ({prediction.reason})")
+    return False
+
+
+def _trial_meter(plan):
+    """The peak-memory meter a trial runs under when there is a plan to check (the calibration's measurement)."""
+    if plan is None:
+        return contextlib.nullcontext()
+    from lmtune.tune.plan import watch
+    return watch()
+
+
+def _check_plan(check, study, trial_id: int, meter) -> None:
+    """Keep the finished trial's predicted and actual time and peak memory in plan_check.json."""
+    if check is None or meter is None:
+        return
+    if check.record(study._storage.get_trial(trial_id), meter.peak_bytes, meter.method) is not None:
+        check.write()
 
 
 def _raise_on_signals() -> dict[int, Any]:
@@ -769,6 +839,10 @@ def confirm(study, space, run: RunConfig, tc: TuneConfig, out: Path, n_train: in
     metric = run.train.metric
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     top = sorted(done, key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")[: tc.confirm_top]
+    default = _default_trial(study)
+    if default is not None and default.state == TrialState.COMPLETE and default not in top and len(top) >= 2:
+        # The defaults on the same seeds as the winner: what tuning bought becomes a mean with its spread.
+        top = top[:-1] + [default]
     seeds = [run.train.seed + k for k in range(1, tc.confirm_seeds + 1)]
     log.info(f"confirming the top {len(top)} trial(s) on seeds {seeds} (plus the search seed {run.train.seed})")
     results = []
@@ -856,10 +930,24 @@ def _write_outputs(study, out: Path, metric: str, result: TuneResult) -> None:
         value = "diverged" if r.get("refit_value") is None else f"{r['refit_value']:.4f}"
         log.info(f"refit on {r['refit_rows']} rows: {metric} {value} (search-trained on {r['search_rows']} rows: "
                  f"{r['search_value']:.4f}); best/ holds the {r['kept']}-trained model")
-    if result.importances:
-        log.info("parameter importances: " + ", ".join(f"{k} {v:.2f}" for k, v in result.importances.items()))
+    for line in answer_lines(_write_answer(study, out, result)):
+        log.info(line)
     c = result.counts
-    log.info(f"trials: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed, {c['running']} running")
+    log.info(f"trials: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed, {c['running']} running"
+             + (f"; {c['unfit']} not run (would not fit in memory)" if c["unfit"] else ""))
+
+
+def _write_answer(study, out: Path, result: TuneResult) -> dict[str, Any]:
+    """The answer (lmtune.tune.answer), computed once and stored as answer.json for summary.md, the report and --show."""
+    confirmation = None
+    if (out / "confirm.json").is_file():
+        try:
+            confirmation = json.loads((out / "confirm.json").read_text())
+        except ValueError:
+            confirmation = None
+    answer = compute_answer(study, confirmation=confirmation, refit=result.refit)
+    atomic_write_json(out / ANSWER_FILE, answer)
+    return answer
 
 
 def _best_intermediate(t, maximize: bool) -> float | None:
@@ -948,4 +1036,10 @@ def show(out: str | None, storage: str | None, study_name: str) -> str:
         lines.append(f"best: trial {b.number} {metric} {b.value:.4f}")
     except ValueError:
         lines.append("best: none yet")
+    answer_path = Path(out) / ANSWER_FILE if out else None
+    if answer_path is not None and answer_path.is_file():
+        try:
+            lines += [""] + answer_lines(json.loads(answer_path.read_text()))
+        except (ValueError, KeyError, TypeError):
+            lines.append(f"({ANSWER_FILE} is unreadable; rerun the study command to write it again)")
     return "\n".join(lines)

@@ -1,0 +1,314 @@
+"""`lmtune plan`: the rows of a space, the calibration cache, memory against measurement, shapes that do not fit,
+and the plan check a study keeps (predicted against actual time per trial)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from lmtune.cli import main
+from tests.conftest import FILLER, NEGATIVE, POSITIVE
+from tests.tune.conftest import base_args, load
+
+
+def plan_args(data: dict[str, str], model: str, out: Path, *extra: str) -> list[str]:
+    return ["plan", *base_args(data, model, out, *extra)[1:]]
+
+
+def read_plan(out: Path) -> dict:
+    return json.loads((out / "plan.json").read_text())
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LMTUNE_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def count_probes(monkeypatch) -> list[int]:
+    """Counts calibrations (calls of the probe that runs real steps)."""
+    import importlib
+
+    probe_mod = importlib.import_module("lmtune.train.probe")  # `lmtune.train` the attribute is the function
+
+    calls: list[int] = []
+    real = probe_mod.probe
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probe_mod, "probe", counted)
+    return calls
+
+
+# ---- pure logic --------------------------------------------------------------------------------------------
+
+
+def test_memory_limit_sizes():
+    from lmtune._memory import parse_size
+    from lmtune.errors import ConfigError
+
+    assert parse_size("20GiB") == 20 * 1024**3 and parse_size("512 MiB") == 512 * 1024**2
+    assert parse_size("1.5GB") == 1_500_000_000 and parse_size("2g") == 2 * 1024**3
+    for bad in ("20", "GiB", "-1GiB", "0GiB", "20 parsecs"):
+        with pytest.raises(ConfigError, match="--memory-limit"):
+            parse_size(bad)
+
+
+def test_evaluations_per_epoch_mirror_the_loop():
+    from lmtune.tune.plan import evaluations_per_epoch
+
+    assert evaluations_per_epoch(8, None) == 1
+    assert evaluations_per_epoch(8, 4) == 2  # steps 4 and 8
+    assert evaluations_per_epoch(7, 4) == 2  # step 4 and the epoch's end
+    assert evaluations_per_epoch(9, 3) == 3
+
+
+def test_linear_fit_through_two_batch_sizes():
+    from lmtune.tune.plan import linear_fit
+
+    pts = [{"kind": "longest", "padded_tokens": 200, "seconds": 1.2}, {"kind": "median", "padded_tokens": 100, "seconds": 0.7},
+           {"kind": "longest", "padded_tokens": 200, "seconds": 1.2}, {"kind": "median", "padded_tokens": 100, "seconds": 0.7}]
+    a, b = linear_fit(pts)
+    assert a == pytest.approx(0.2) and b == pytest.approx(0.005)
+    # noise (the longer batch faster) gives a constant, never a negative slope
+    a, b = linear_fit([{"kind": "longest", "padded_tokens": 200, "seconds": 0.5}, {"kind": "median", "padded_tokens": 100, "seconds": 0.7}])
+    assert b == 0 and a == pytest.approx(0.6)
+
+
+def test_formula_terms_follow_the_precision_and_device():
+    from lmtune.tune.plan import CPU_RUNTIME_BYTES, Arch, Batch, Counts, memory_terms
+
+    arch = Arch("llama", hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=1000, gated=True,
+                attention_dropout=0.0)
+    counts = Counts(total=1_000_000, trainable=1_000_000, matmul=800_000, largest=100_000)
+    kw = dict(attention="lmtune_eager", task="classification", train=Batch(8, 32), evaluation=Batch(16, 32),
+              accumulate=False, keep_best=True)
+    fp32 = memory_terms(arch, counts, mode="no", **kw)
+    assert (fp32["weights"], fp32["gradients"], fp32["optimizer"], fp32["best_weights"]) == (4e6, 4e6, 8e6, 4e6)
+    assert fp32["runtime"] == CPU_RUNTIME_BYTES and fp32["allocator"] > 0
+    master = memory_terms(arch, counts, mode="bf16-master", **kw)
+    assert master["weights"] == 6e6 and master["activations"] < fp32["activations"]
+    autocast = memory_terms(arch, counts, mode="bf16", **kw)
+    assert autocast["weights"] == 4e6 + 2 * 800_000  # the 16-bit copies of the matmul weights
+    lora = memory_terms(arch, Counts(1_000_000, 10_000, 800_000, 1000), mode="no", **kw)
+    assert lora["optimizer"] == 80_000 and lora["weights"] == 4e6
+    gen = memory_terms(arch, counts, mode="no", **{**kw, "task": "generation", "train": Batch(8, 32, 100)})
+    assert gen["logits"] == 4 * 8 * 32 * 1000 + 12 * 100 * 1000
+    assert gen["peak"] == gen["runtime"] + gen["weights"] + gen["optimizer"] + max(
+        gen["gradients"] + gen["activations"] + gen["backward"] + gen["allocator"] + gen["logits"], gen["evaluation"]
+    ) + gen["best_weights"]
+    # On a GPU: no runtime or heap allowance, the best weights live in host memory, half the gradients overlap.
+    gpu = memory_terms(arch, counts, mode="no", cuda=True, **{**kw, "task": "generation", "train": Batch(8, 32, 100)})
+    assert gpu["runtime"] == gpu["allocator"] == gpu["best_weights"] == 0
+    assert gpu["peak"] == gpu["weights"] + gpu["optimizer"] + gpu["gradients"] // 2 + gpu["activations"] + gpu["backward"] + gpu["logits"]
+
+
+# ---- the plan of a space -------------------------------------------------------------------------------------
+
+
+def test_plan_has_a_row_per_batch_and_length(tune_data, tiny_llama, tmp_path, fresh_cache, capsys):
+    out = tmp_path / "p"
+    code = main(plan_args(tune_data, tiny_llama, out, "--batch-size", "8,16", "--max-length", "16,32", "--budget", "10m"))
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "s/step" in text and "written:" in text
+    plan = read_plan(out)
+    shapes = sorted((r["shape"]["global_batch_size"], r["shape"]["micro_batch_size"], r["shape"]["max_length"]) for r in plan["rows"])
+    assert shapes == [(8, 8, 16), (8, 8, 32), (16, 16, 16), (16, 16, 32)]
+    from transformers import AutoModelForSequenceClassification
+
+    real = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=2)
+    for r in plan["rows"]:
+        assert r["fits"] and r["total_params"] == sum(p.numel() for p in real.parameters())
+        assert r["trainable_params"] == r["total_params"]  # --method full
+        assert r["step_s"] > 0 and r["eval_s"] > 0 and r["fixed_s"] > 0 and r["trials_in_budget"] >= 1
+        assert r["memory"]["peak"] > r["memory"]["weights"] > 0 and r["measured_peak"] > 0
+        assert r["steps_per_epoch"] == -(-120 // r["shape"]["global_batch_size"])
+    assert plan["trials_in_budget"] >= 1 and plan["memory_limit_bytes"] > 0
+
+
+def test_second_plan_does_not_calibrate(tune_data, tiny_llama, tmp_path, fresh_cache, count_probes):
+    from lmtune.config import DataConfig, ModelConfig, RunConfig, SearchConfig, TrainConfig, TuneConfig
+    from lmtune.tune.plan import plan
+
+    run = RunConfig(data=DataConfig(train_file=tune_data["train"], val_file=tune_data["val"]),
+                    model=ModelConfig(name=tiny_llama), train=TrainConfig(max_length=32, epochs=1),
+                    output_dir=str(tmp_path / "p"))
+    search = SearchConfig(global_batch_size="8,16")
+    first = plan(run, search, TuneConfig())
+    assert len(count_probes) == 2 and first.calibrated == 2 and first.cached == 0
+    second = plan(run, search, TuneConfig())
+    assert len(count_probes) == 2, "the second plan calibrated again"
+    assert second.cached == 2 and {r.calibration for r in second.rows} == {"cached"}
+    assert [r.step_s for r in second.rows] == [r.step_s for r in first.rows]
+
+
+def test_bad_memory_limit_is_a_one_line_error(tune_data, tiny_llama, tmp_path, fresh_cache, capsys):
+    for limit, message in (("20", "--memory-limit must look like 20GiB"),
+                           ("1KiB", "no configuration of the search space fits in memory")):
+        code = main(plan_args(tune_data, tiny_llama, tmp_path / "p", "--memory-limit", limit))
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+# ---- memory: the formula against a measurement -------------------------------------------------------------
+
+
+def _long_rows(path: Path, n: int, words: int) -> str:
+    rng = random.Random(0)
+    lines = ["sentence\tlabel"]
+    for i in range(n):
+        label = "pos" if i % 2 else "neg"
+        text = [rng.choice(FILLER) for _ in range(words)]
+        text[rng.randrange(words)] = rng.choice(POSITIVE if label == "pos" else NEGATIVE)
+        lines.append(" ".join(text) + "\t" + label)
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory) -> str:
+    """Wider than the session's tiny model (3M parameters), so weights, optimizer and activations are tens of MB
+    each and dwarf what a process allocates besides (a few MB)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import build_tokenizer
+
+    folder = tmp_path_factory.mktemp("small-llama")
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def test_formula_predicts_the_measured_peak(small_llama, tmp_path, fresh_cache):
+    """fp32 (the same on every CPU), 32 rows of 64 tokens: the formula's training peak within 15% of the measured one."""
+    from transformers import AutoConfig
+
+    from lmtune.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from lmtune.tasks import resolve_task
+    from lmtune.train.probe import probe
+    from lmtune.tune.plan import Arch, Batch, attention_kind, count_params, memory_terms
+
+    train = _long_rows(tmp_path / "train.tsv", 64, 70)
+    val = _long_rows(tmp_path / "val.tsv", 16, 70)
+    run = RunConfig(data=DataConfig(train_file=train, val_file=val),
+                    model=ModelConfig(name=small_llama),
+                    train=TrainConfig(global_batch_size=32, max_length=64, precision="fp32"), output_dir=str(tmp_path / "o"))
+    task, run = resolve_task(run)
+    bundle = task.load_data(run)
+    cache = str(fresh_cache / "tokenized")
+    warm = RunConfig.from_dict(run.to_dict() | {"train": run.train.__dict__ | {"global_batch_size": 4}})
+    probe(warm, bundle=bundle, tokenized_cache_dir=cache, scratch=tmp_path / "s")  # the runtime's one-time allocations
+    result = probe(run, bundle=bundle, tokenized_cache_dir=cache, scratch=tmp_path / "s")
+    assert result.peak_rows == 32 and result.peak_width == 64
+    config = AutoConfig.from_pretrained(small_llama)
+    arch = Arch.of(config)
+    counts = count_params(config, task="classification", n_labels=2, model_cfg=run.model)
+    assert (counts.total, counts.trainable) == (result.total_params, result.trainable_params)
+    terms = memory_terms(arch, counts, mode="no", attention=attention_kind("auto", arch, cuda=False), task="classification",
+                         train=Batch(32, 64), evaluation=Batch(16, 64), accumulate=False, keep_best=False)
+    predicted, measured = terms["training_peak"], result.peak_bytes
+    assert terms["activations"] > terms["weights"]  # the test is about the activation formula too
+    assert abs(predicted - measured) / measured < 0.15, (predicted / 2**20, measured / 2**20, terms)
+
+
+# ---- in a search -------------------------------------------------------------------------------------------
+
+
+def test_shape_over_the_limit_is_reported_and_never_trained(tune_data, tiny_llama, tmp_path, fresh_cache, monkeypatch, capsys):
+    """Batch 16 needs more than the limit (the formula is made to say so: a tiny model's real peak is too small to
+    sit reliably between two limits); it is listed before the search and every trial that draws it is failed at once."""
+    import importlib
+
+    plan_mod = importlib.import_module("lmtune.tune.plan")
+
+    real = plan_mod.memory_terms
+
+    def heavy_batch_16(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        if kwargs["train"].rows == 16:
+            terms = dict(terms, activations=64 * 2**30, peak=terms["peak"] + 64 * 2**30)
+        return terms
+
+    monkeypatch.setattr(plan_mod, "memory_terms", heavy_batch_16)
+    out = tmp_path / "s"
+    code = main(base_args(tune_data, tiny_llama, out, "--batch-size", "8,16", "--epochs", "1", "--n-trials", "2",
+                          "--memory-limit", "4GiB", "--sampler", "random", "--pruner", "none"))
+    text = capsys.readouterr().out
+    assert code == 0
+    plan = read_plan(out)
+    unfit = [r for r in plan["rows"] if not r["fits"]]
+    assert [r["shape"]["global_batch_size"] for r in unfit] == [16] and "limit 4.00 GiB" in unfit[0]["reason"]
+    assert unfit[0]["calibration"].startswith("not run")
+    assert text.index("NO: needs") < text.index("trial 0")  # reported before the search
+    study = load(out)
+    runs = [t for t in study.get_trials() if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(runs) == 2 and all(t.params.get("global_batch_size", 8) == 8 for t in runs)
+    skipped = [t for t in study.get_trials() if t.system_attrs.get("lmtune_unfit")]
+    assert skipped, "the default configuration (batch 16) at least is drawn"
+    for t in skipped:
+        assert t.state.name == "FAIL" and t.params["global_batch_size"] == 16
+        assert "would not fit in memory" in t.user_attrs["fail_reason"]
+        assert not t.intermediate_values and "history" not in t.user_attrs  # never trained
+    assert "not run (would not fit in memory)" in text
+
+
+def test_study_keeps_predicted_against_actual(tune_data, tiny_llama, tmp_path, fresh_cache):
+    out = tmp_path / "s"
+    code = main(base_args(tune_data, tiny_llama, out, "--lr", "3e-3", "--epochs", "1", "--n-trials", "2", "--pruner", "none",
+                          "--report"))
+    assert code == 0
+    check = json.loads((out / "plan_check.json").read_text())
+    assert [r["trial"] for r in check["trials"]] == [0, 1]
+    for r in check["trials"]:
+        assert r["predicted_s"] > 0 and r["actual_s"] > 0 and r["time_error_pct"] is not None
+        assert r["predicted_peak_gib"] > 0 and r["peak_gib"] is not None and r["evaluations"] == 2
+    assert check["summary"]["trials"] == 2 and check["summary"]["median_abs_time_error_pct"] is not None
+    for t in load(out).get_trials():
+        assert t.user_attrs["plan_seconds"] > 0 and t.user_attrs["plan"]["steps_per_epoch"] == 8
+    assert json.loads((out / "study.json").read_text())["plan"] == "plan.json" and (out / "plan.json").is_file()
+    html = (out / "report.html").read_text()
+    assert "How good was the plan" in html and "median |error|" in html
+    # plan_check.json is read like every file of a study folder: untrusted.
+    (out / "plan_check.json").write_text(json.dumps({"trials": [
+        {"trial": "x", "state": "<script>alert(1)</script>", "actual_s": "fast", "time_error_pct": None}, 7]}))
+    from lmtune.report import write_report
+
+    html = Path(write_report(str(out))).read_text()
+    assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)" in html
+
+
+def test_no_plan_skips_it(tune_data, tiny_llama, tmp_path, fresh_cache, count_probes):
+    out = tmp_path / "s"
+    assert main(base_args(tune_data, tiny_llama, out, "--lr", "3e-3", "--epochs", "1", "--n-trials", "1", "--no-plan")) == 0
+    assert not count_probes and not (out / "plan.json").exists() and not (out / "plan_check.json").exists()
+    assert "plan_seconds" not in load(out).get_trials()[0].user_attrs
+
+
+@pytest.mark.parametrize("method", ["lora", "head"])
+def test_meta_count_is_the_loaded_models(tiny_llama, method):
+    """Parameters are counted without loading weights, LoRA through peft, and agree with the model a trial trains."""
+    from transformers import AutoConfig
+
+    from lmtune.config import ModelConfig
+    from lmtune.models import load_classifier
+    from lmtune.tune.plan import count_params
+
+    cfg = ModelConfig(name=tiny_llama, method=method)
+    counts = count_params(AutoConfig.from_pretrained(tiny_llama), task="classification", n_labels=2, model_cfg=cfg)
+    loaded = load_classifier(cfg, ["neg", "pos"])
+    assert (counts.total, counts.trainable) == (loaded.total_params, loaded.trainable_params)
+    assert counts.trainable < counts.total
