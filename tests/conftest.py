@@ -120,6 +120,18 @@ def sentiment_files(tmp_path_factory) -> dict[str, str]:
     return write_sentiment_splits(tmp_path_factory.mktemp("sentiment"), 160)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run fastest on one thread (and the CI box has two cores shared with other jobs); a module opts in
+    with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Each test session gets its own lmtune cache, so tests never touch ~/.cache/lmtune."""

@@ -19,11 +19,8 @@ from tests.tasks.conftest import generation_files  # noqa: F401  (a fixture shar
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Every test here on one torch thread (tests/conftest.py)."""
 
 
 def _config(model: str, files: dict[str, str], out, method: str = "full", **train) -> lmtune.RunConfig:

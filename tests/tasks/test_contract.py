@@ -28,13 +28,8 @@ def run_config(task: str, model: str, files: dict[str, str], out: Path, **train)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Every test here on one torch thread (tests/conftest.py)."""
 
 
 @pytest.mark.parametrize("arch", ARCHS)
