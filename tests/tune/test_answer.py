@@ -101,3 +101,33 @@ def test_per_size_best_cost_and_lines():
     assert sizes["large"]["seconds_per_trial"] == 200.0 and sizes["small"]["seconds_per_trial"] == 100.0
     text = "\n".join(answer_lines(answer))
     assert "size large: best" in text and "learning_rate" in text
+
+
+def test_confirmation_covers_the_winner_every_size_and_the_defaults():
+    from lmtune.tune.study import trials_to_confirm
+
+    study = synthetic_study(12, models=True)  # trial 0 (the defaults) is "small"; "large" trials score higher
+    values = sorted(study.trials, key=lambda t: t.value, reverse=True)
+    best_small = next(t for t in values if t.params["model"] == "small")
+    chosen = trials_to_confirm(study, 3)
+    assert chosen[0].number == values[0].number and values[0].params["model"] == "large"
+    assert chosen[1].number == best_small.number  # the best of the other size
+    assert 0 in [t.number for t in chosen]  # the defaults, on the same seeds
+    assert [t.number for t in trials_to_confirm(study, 1)] == [values[0].number]
+    assert len({t.number for t in trials_to_confirm(study, 12)}) == 12
+
+
+def test_the_size_verdict_weighs_confirmed_means_noise_and_cost():
+    study = synthetic_study(24, models=True)
+    best = {m: max((t for t in study.trials if t.params["model"] == m), key=lambda t: t.value) for m in ("small", "large")}
+    close = {"results": [
+        {"trial": best["large"].number, "seeds": [0, 1], "values": [0.90, 0.86], "mean": 0.88, "std": 0.03},
+        {"trial": best["small"].number, "seeds": [0, 1], "values": [0.88, 0.86], "mean": 0.87, "std": 0.01}]}
+    answer = compute_answer(study, confirmation=close, budget_s=1800, n_bootstrap=3)
+    verdict = next(s for s in answer["statements"] if "within seed noise of each other" in s)
+    assert "small wins for the time" in verdict and "small ~18 trials" in verdict and "large ~9 trials" in verdict
+    apart = {"results": [dict(close["results"][0], values=[0.95, 0.95], mean=0.95, std=0.001),
+                         dict(close["results"][1], std=0.001)]}
+    verdict = next(s for s in compute_answer(study, confirmation=apart, n_bootstrap=3)["statements"]
+                   if s.startswith("large gave"))
+    assert "confirmed means" in verdict and "0.9500 vs 0.8700" in verdict

@@ -96,10 +96,10 @@ def _sizes_table(page: Page, answer: dict[str, Any]) -> None:
         conf = (f"{fnum(s['confirmed_mean'])} ± {fnum(s['confirmed_std'])} (trial {s.get('confirmed_trial')})"
                 if isinstance(s.get("confirmed_mean"), (int, float)) else "not confirmed")
         rows.append([s.get("model", ""), s.get("complete", ""), s.get("pruned", ""), s.get("best_value", ""),
-                     conf, s.get("seconds_per_trial", "")])
+                     conf, s.get("seconds_per_trial", ""), s.get("trials_in_budget", "")])
     if rows:
         page.table(["model", "complete", "pruned", f"best {answer['metric']} (one seed)", "confirmed mean ± std",
-                    "seconds per trial (median)"], rows)
+                    "seconds per trial (median)", "trials the budget buys"], rows, drop_empty=True)
 
 
 def _points_chart(page: Page, answer: dict[str, Any], name: str, view: dict[str, Any]) -> None:

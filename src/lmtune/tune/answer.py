@@ -41,8 +41,10 @@ BEST_SHARE = 0.25
 
 
 def compute_answer(study: optuna.Study, *, confirmation: dict[str, Any] | None = None,
-                   refit: dict[str, Any] | None = None, n_bootstrap: int = 30, seed: int = 0) -> dict[str, Any]:
-    """Everything the answer shows, as plain JSON-ready values (see the module docstring)."""
+                   refit: dict[str, Any] | None = None, budget_s: float | None = None, n_bootstrap: int = 30,
+                   seed: int = 0) -> dict[str, Any]:
+    """Everything the answer shows, as plain JSON-ready values (see the module docstring). ``budget_s``: the study's
+    --budget, to say how many trials of each size it buys."""
     metric = study.user_attrs.get("metric", "value")
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if _finite(t.value)]
@@ -54,7 +56,8 @@ def compute_answer(study: optuna.Study, *, confirmation: dict[str, Any] | None =
         "importances": importance_bands(study.direction, done, searched, n_bootstrap=n_bootstrap, seed=seed),
         "parameters": {name: _parameter_view(name, done, maximize) for name in searched},
         "defaults_vs_tuned": _defaults_vs_tuned(study, done, confirmation, maximize),
-        "sizes": _sizes(study, done, confirmation, maximize),
+        "sizes": _sizes(study, done, confirmation, maximize, budget_s),
+        "budget_s": budget_s,
         "refit": _refit_view(refit),
     }
     answer["statements"] = statements(answer)
@@ -168,9 +171,11 @@ def _defaults_vs_tuned(study, done, confirmation, maximize: bool) -> dict[str, A
     confirmed = _confirmed(confirmation)
     sign = 1.0 if maximize else -1.0
     best_single = max(done, key=lambda t: sign * t.value)
-    # The tuned side is the configuration the confirmation found best on average, where one ran.
-    tuned_trial = (confirmation or {}).get("most_reliable_trial", best_single.number)
-    tuned = confirmed.get(tuned_trial)
+    # The tuned side is the searched configuration the confirmation found best on average, where one ran (the
+    # defaults themselves may have the best mean: then tuning bought nothing, which is the answer).
+    others = [r for n, r in confirmed.items() if n != default.number]
+    tuned = max(others, key=lambda r: sign * r["mean"]) if others else None
+    tuned_trial = tuned["trial"] if tuned else best_single.number
     base = confirmed.get(default.number)
     view: dict[str, Any] = {"default_trial": default.number, "default_state": default.state.name,
                             "default_value": default.value if _finite(default.value) else None,
@@ -188,8 +193,9 @@ def _defaults_vs_tuned(study, done, confirmation, maximize: bool) -> dict[str, A
     return view
 
 
-def _sizes(study, done, confirmation, maximize: bool) -> list[dict[str, Any]]:
-    """Per model: trials, best single-seed value, its confirmed mean +- std where confirmed, seconds per trial."""
+def _sizes(study, done, confirmation, maximize: bool, budget_s: float | None = None) -> list[dict[str, Any]]:
+    """Per model: trials, best single-seed value, its confirmed mean +- std where confirmed, seconds per trial, and
+    how many trials of it the budget buys."""
     fixed = _fixed_model(study)
     groups: dict[str, list[optuna.trial.FrozenTrial]] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
@@ -208,7 +214,9 @@ def _sizes(study, done, confirmation, maximize: bool) -> list[dict[str, Any]]:
                     "confirmed_trial": best_conf["trial"] if best_conf else None,
                     "confirmed_mean": best_conf["mean"] if best_conf else None,
                     "confirmed_std": best_conf["std"] if best_conf else None,
-                    "seconds_per_trial": statistics.median(seconds) if seconds else None})
+                    "seconds_per_trial": statistics.median(seconds) if seconds else None,
+                    "trials_in_budget": (int(budget_s // statistics.median(seconds))
+                                         if budget_s and seconds and statistics.median(seconds) > 0 else None)})
     out.sort(key=lambda r: (r["best_value"] is None, -sign * (r["best_value"] or 0.0)))
     return out
 
@@ -274,19 +282,34 @@ def statements(answer: dict[str, Any]) -> list[str]:
                    "on the defaults, so this gain is not yet a conclusion.")
     sizes = [s for s in answer["sizes"] if s["best_value"] is not None]
     if len(sizes) > 1:
-        first, second = sizes[0], sizes[1]
-        noise = max(first.get("confirmed_std") or 0.0, second.get("confirmed_std") or 0.0)
-        gap = abs(first["best_value"] - second["best_value"])
-        if noise and gap <= noise:
-            cheaper = min(sizes[:2], key=lambda s: s["seconds_per_trial"] or math.inf)
-            out.append(f"{first['model']} and {second['model']} are within seed noise of each other ({gap:.4f} apart); "
-                       f"{cheaper['model']} costs less per trial.")
-        else:
-            out.append(f"{first['model']} gave the best {metric} ({first['best_value']:.4f} vs {second['best_value']:.4f}"
-                       f" for {second['model']})" + ("" if noise else "; one seed each, so this is not yet a conclusion") + ".")
+        out.append(_size_verdict(sizes, metric, answer.get("budget_s")))
     if not any(s.get("confirmed_mean") is not None for s in answer["sizes"]):
         out.append("No seed confirmation ran: every value is one seed, and seed noise is unmeasured.")
     return out
+
+
+def _size_verdict(sizes: list[dict[str, Any]], metric: str, budget_s: float | None) -> str:
+    """Which size wins: on confirmed means where both were confirmed, else on single seeds (and said so); when the
+    two are within seed noise, the cheaper one wins, since the budget buys more trials of it."""
+    def score(s: dict[str, Any]) -> float:
+        return s["confirmed_mean"] if s.get("confirmed_mean") is not None else s["best_value"]
+
+    first, second = sizes[0], sizes[1]
+    confirmed = first.get("confirmed_mean") is not None and second.get("confirmed_mean") is not None
+    noise = math.sqrt((first.get("confirmed_std") or 0.0) ** 2 + (second.get("confirmed_std") or 0.0) ** 2)
+    gap = abs(score(first) - score(second))
+    cost = ""
+    if budget_s:
+        cost = " For this budget: " + ", ".join(f"{s['model']} ~{s['trials_in_budget']} trials"
+                                                for s in sizes if s.get("trials_in_budget") is not None) + "."
+    if confirmed and gap <= noise:
+        cheaper = min((first, second), key=lambda s: s["seconds_per_trial"] or math.inf)
+        return (f"{first['model']} and {second['model']} are within seed noise of each other ({gap:.4f} apart, "
+                f"noise {noise:.4f}): {cheaper['model']} wins for the time, at {cheaper['seconds_per_trial'] or 0:.0f} "
+                f"s per trial.{cost}")
+    basis = "confirmed means" if confirmed else "one seed each, so this is not yet a conclusion"
+    return (f"{first['model']} gave the best {metric} ({score(first):.4f} vs {score(second):.4f} for "
+            f"{second['model']}; {basis}).{cost}")
 
 
 def answer_lines(answer: dict[str, Any]) -> list[str]:
@@ -307,6 +330,8 @@ def answer_lines(answer: dict[str, Any]) -> list[str]:
         conf = (f", confirmed {s['confirmed_mean']:.4f} +- {s['confirmed_std']:.4f}"
                 if s["confirmed_mean"] is not None else "")
         secs = f", {s['seconds_per_trial']:.0f} s/trial" if s["seconds_per_trial"] else ""
+        if s.get("trials_in_budget") is not None:
+            secs += f" (~{s['trials_in_budget']} in the budget)"
         lines.append(f"  size {s['model']}: best {s['best_value']:.4f} (trial {s['best_trial']}){conf}{secs}")
     lines += [f"  - {s}" for s in answer["statements"]]
     return lines

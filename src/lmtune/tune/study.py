@@ -830,6 +830,34 @@ def _is_leader(study) -> bool:
     return optuna.load_study(study_name=study.study_name, storage=study._storage).user_attrs.get("confirmation_owner") == me
 
 
+def trials_to_confirm(study, slots: int) -> list:
+    """Which finished trials the seed confirmation re-runs, ``slots`` at most: the best trial first; then, while
+    slots are left, the best trial of every other model size (so each size gets a confirmed mean), the default
+    configuration (so the defaults and the winner are compared on the same seeds), and the next best trials."""
+    maximize = study.direction.name == "MAXIMIZE"
+    done = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.value,
+                  reverse=maximize)
+    if not done or slots < 1:
+        return []
+    chosen = [done[0]]
+    sizes_seen = {done[0].params.get("model")}
+    for t in done[1:]:
+        if len(chosen) >= slots:
+            break
+        if t.params.get("model") not in sizes_seen:
+            chosen.append(t)
+            sizes_seen.add(t.params.get("model"))
+    default = _default_trial(study)
+    if default is not None and default.state == TrialState.COMPLETE and default not in chosen and len(chosen) < slots:
+        chosen.append(default)
+    for t in done:
+        if len(chosen) >= slots:
+            break
+        if t not in chosen:
+            chosen.append(t)
+    return chosen
+
+
 def confirm(study, space, run: RunConfig, tc: TuneConfig, out: Path, n_train: int, resources, train_fn,
             worker=None) -> dict[str, Any]:
     """Re-run the top trials with extra seeds: is the winner real or noise?
@@ -837,14 +865,10 @@ def confirm(study, space, run: RunConfig, tc: TuneConfig, out: Path, n_train: in
     ``worker`` (a ``lmtune._threads.TuneWorker``) re-applies this worker's share of the cores before each run.
     """
     metric = run.train.metric
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    top = sorted(done, key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")[: tc.confirm_top]
-    default = _default_trial(study)
-    if default is not None and default.state == TrialState.COMPLETE and default not in top and len(top) >= 2:
-        # The defaults on the same seeds as the winner: what tuning bought becomes a mean with its spread.
-        top = top[:-1] + [default]
+    top = trials_to_confirm(study, tc.confirm_top)
     seeds = [run.train.seed + k for k in range(1, tc.confirm_seeds + 1)]
-    log.info(f"confirming the top {len(top)} trial(s) on seeds {seeds} (plus the search seed {run.train.seed})")
+    log.info(f"confirming {len(top)} trial(s) ({', '.join(f'#{t.number}' for t in top)}) on seeds {seeds} "
+             f"(plus the search seed {run.train.seed})")
     results = []
     for t in top:
         values = [t.value]
@@ -945,7 +969,14 @@ def _write_answer(study, out: Path, result: TuneResult) -> dict[str, Any]:
             confirmation = json.loads((out / "confirm.json").read_text())
         except ValueError:
             confirmation = None
-    answer = compute_answer(study, confirmation=confirmation, refit=result.refit)
+    budget_s = None
+    if (out / "plan.json").is_file():
+        try:
+            budget_s = json.loads((out / "plan.json").read_text()).get("budget_s")
+        except (ValueError, AttributeError):
+            budget_s = None
+    answer = compute_answer(study, confirmation=confirmation, refit=result.refit,
+                            budget_s=budget_s if isinstance(budget_s, (int, float)) else None)
     atomic_write_json(out / ANSWER_FILE, answer)
     return answer
 
