@@ -457,6 +457,12 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{_fmt(m['padding_share'], 3)} |")
         lines += ["", f"Speed-up of lmtune's decoding: {_fmt(dec['speedup'])}x. Identical prompt ids: "
                   f"{dec['identical_prompt_ids']}; identical greedy outputs: {dec['identical_outputs']}/{dec['prompts']}."]
+        if dec.get("rerun"):
+            lines += ["", f"(Decoding rerun on its own at {dec['rerun']['at']} UTC with `python -m bench.sft _decode`, load "
+                      f"average at its end {tuple(round(x, 2) for x in dec['rerun']['load_avg_at_end'])}: the first pass "
+                      "encoded lmtune's prompts together with their references, which cut "
+                      f"{d.get('test_inputs_prompt_cut', 'some')} of them; both sides now get the prompts alone, as "
+                      "`lmtune predict` encodes them.)"]
     ab = res.get("ablation")
     if ab:
         lines += ["", ablation_markdown(ab)]
