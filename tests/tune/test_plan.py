@@ -312,3 +312,22 @@ def test_meta_count_is_the_loaded_models(tiny_llama, method):
     loaded = load_classifier(cfg, ["neg", "pos"])
     assert (counts.total, counts.trainable) == (loaded.total_params, loaded.trainable_params)
     assert counts.trainable < counts.total
+
+
+def test_a_calibration_warns_of_other_work_not_of_its_own_threads():
+    from types import SimpleNamespace
+
+    from lmtune.tune.plan import _busy
+
+    plan = SimpleNamespace(machine={"cores": 2}, device="cpu")
+    cache = SimpleNamespace(path="/cache")
+    alone = [{"extra": {"load_average": 2.01, "threads": 2}}]  # its own two threads, nothing else
+    assert _busy(alone, plan, cache) is None
+    beside = [{"extra": {"load_average": 2.0, "threads": 2}}, {"extra": {"load_average": 3.6, "threads": 2}}]
+    warning = _busy(beside, plan, cache)
+    assert warning and "~1.6 above its own threads" in warning and "/cache" in warning
+    one_thread = [{"extra": {"load_average": 2.2, "threads": 1}}]  # a second core's worth of other work
+    assert _busy(one_thread, plan, cache) is not None
+    old_entry = [{"extra": {"load_average": 2.5}}]  # cached before threads were recorded: all cores assumed
+    assert _busy(old_entry, plan, cache) is None
+    assert _busy(beside, SimpleNamespace(machine={"cores": 2}, device="cuda"), cache) is None

@@ -209,7 +209,7 @@ def probe(cfg: Any, *, bundle: Any, tokenized_cache_dir: str, scratch: Path, war
             oom_events=list(st.oom_events), decode=decode, copy_s=copy_s, save_s=save_s,
             precision="fp32" if s.mixed == "no" else s.mixed, total_params=s.loaded.total_params,
             trainable_params=s.loaded.trainable_params, seconds=time.perf_counter() - t_start,
-            extra={"load_average": _load_average(), "cores": os.cpu_count()})
+            extra={"load_average": _load_average(), "cores": os.cpu_count(), "threads": torch.get_num_threads()})
     finally:
         del s
         gc.collect()

@@ -766,16 +766,22 @@ def make_plan(run: Any, space: Any, tc: Any, *, task: Any, bundle: Any, scratch:
 
 
 def _busy(entries: list[dict[str, Any]], plan: Plan, cache: _Cache) -> str | None:
-    """A warning when a calibration ran while the machine was busier than its cores (timings then hold only while
-    that load lasts): CPU threads that share cores with other work wait for each other, and steps slow down many
-    times over, not in proportion."""
-    loads = [(e.get("extra") or {}).get("load_average") for e in entries]
+    """A warning when a calibration ran beside other work (timings then hold only while that load lasts): CPU
+    threads that share cores with other work wait for each other, and steps slow down many times over, not in
+    proportion. The load average counts the calibration's own threads too, so the other work is what is left
+    after them: a core's worth or more is other work."""
     cores = plan.machine.get("cores") or 1
-    worst = max((x for x in loads if isinstance(x, (int, float))), default=None)
-    if plan.device == "cpu" and worst is not None and worst > cores:
-        return (f"warning: a calibration ran while the machine's load average was {worst:g} on {cores} cores; its "
-                "times hold only while that much other work runs (delete the plan cache to calibrate again when the "
-                f"machine is quiet: {cache.path})")
+    others = []
+    for e in entries:
+        extra = e.get("extra") or {}
+        load, threads = extra.get("load_average"), extra.get("threads")
+        if isinstance(load, (int, float)):
+            others.append(load - min(threads if isinstance(threads, int) else cores, cores))
+    worst = max(others, default=None)
+    if plan.device == "cpu" and worst is not None and worst >= 1.0:
+        return (f"warning: a calibration ran beside other work (load average ~{worst:.1f} above its own threads, on "
+                f"{cores} cores); its times hold only while that much other work runs (delete the plan cache to "
+                f"calibrate again when the machine is quiet: {cache.path})")
     return None
 
 
