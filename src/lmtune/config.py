@@ -408,6 +408,10 @@ class TuneConfig:
     """How many of the best trials to confirm on extra seeds (with --budget: as many as fit the time the search leaves)."""
     default_first: bool = True
     """Run the documented default configuration (what `lmtune train` does without flags, clipped into the space) as the first trial: the baseline that tuning is measured against."""
+    warm_start: str | None = None
+    """Folder of a finished study of a similar task (another `lmtune tune --out`): its best configurations (seed-confirmed first) are run right after the defaults, moved into this search space; their old scores are never mixed into this study."""
+    warm_start_top: int = 3
+    """How many of the --warm-start study's best distinct configurations to run first."""
     refit: Literal["auto", "always", "never"] = "auto"
     """Retrain the winning configuration on all training rows before saving it as best/: auto does so when the search trained on a sample (--max-train-rows); best/ keeps whichever of the two scores better on validation."""
     refit_rows: int | None = None
@@ -441,6 +445,7 @@ class TuneConfig:
         _check(self, self.refit_rows is None or self.refit_rows >= 2, "refit_rows", "must be >= 2", self.refit_rows)
         _check(self, 0.0 <= self.reserve_fraction < 1.0, "reserve_fraction", "must be in [0, 1)", self.reserve_fraction)
         _check(self, self.confirm_top >= 1, "confirm_top", "must be >= 1", self.confirm_top)
+        _check(self, self.warm_start_top >= 1, "warm_start_top", "must be >= 1", self.warm_start_top)
         _check(self, self.threads_per_worker is None or self.threads_per_worker >= 1, "threads_per_worker", "must be >= 1", self.threads_per_worker)
         _check(self, self.heartbeat_interval >= 1, "heartbeat_interval", "must be >= 1", self.heartbeat_interval)
         _check(self, self.grace_period > self.heartbeat_interval, "grace_period", "must exceed --heartbeat-interval", self.grace_period)

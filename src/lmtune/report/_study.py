@@ -451,7 +451,7 @@ def _leaderboard(page: Page, sd: StudyData) -> None:
     best = sd.best
     rows, highlight = [], set()
     for i, t in enumerate(trials):
-        note = _trial_note(t, sd.metric)
+        note = "; ".join(x for x in (_origin(t), _trial_note(t, sd.metric)) if x)
         rank = Cell(str(i + 1) if t.state.name == "COMPLETE" else "", i + 1 if t.state.name == "COMPLETE" else None, numeric=True)
         row = [rank, num_cell(t.number, 0), t.state.name.lower(), num_cell(t.value if _finite(t.value) else None, 4)]
         for p in params:
@@ -472,7 +472,20 @@ def _leaderboard(page: Page, sd: StudyData) -> None:
                caption="Click a header to sort. The highlighted row is the best complete trial. "
                        f"{sd.metric} ({'higher' if sd.maximize else 'lower'} is better) is the trial's best evaluation; "
                        "time is the trial's wall-clock time; threads are the math threads its worker used; "
-                       "the note gives the reason of every pruned or failed trial.")
+                       "the note says where a configuration came from when not from the sampler, and the reason of every pruned or failed trial.")
+
+
+def _origin(t: Any) -> str:
+    """Where a trial's configuration came from, when not from the sampler."""
+    if t.user_attrs.get("lmtune_default") is True:
+        return "the default configuration"
+    warm = t.user_attrs.get("lmtune_warm_start")
+    if isinstance(warm, dict):
+        value = warm.get("value")
+        score = f", {warm.get('metric')} {value:.4f}" if isinstance(value, (int, float)) else ""
+        return _reason(f"warm start: trial {warm.get('trial')} of {warm.get('study')}{score}"
+                       + (" (confirmed mean)" if warm.get("confirmed") else "") + " there")
+    return ""
 
 
 def _reason(v: Any) -> str:

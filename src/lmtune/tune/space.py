@@ -118,25 +118,36 @@ class SearchSpace:
         """The documented default configuration (``base``, a RunConfig holding what `lmtune train` uses without
         flags) as values of the searched dimensions: clipped into a range, or the nearest choice, so a
         search can run it as its first trial. Only the searched (not fixed) dimensions are returned."""
-        values: dict[str, Any] = {}
+        values = {name: getattr(getattr(base, SEARCHABLE[name][0]), SEARCHABLE[name][1])
+                  for name, dim in self.dims.items() if dim.kind != "fixed"}
+        return self.nearest(values)
+
+    def nearest(self, values: dict[str, Any], fallback: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``values`` moved into this space, one searched dimension at a time: a number clipped into its range,
+        a numeric choice to the nearest one on a log scale, an unknown text choice to ``fallback``'s value (or
+        the first choice). A searched dimension missing from ``values`` takes ``fallback``'s value; fixed
+        dimensions and names this space does not search are left out; LoRA settings only for the lora method."""
+        fallback = fallback or {}
+        out: dict[str, Any] = {}
         for name, dim in self.dims.items():
             if dim.kind == "fixed":
                 continue
-            section, fld, typ = SEARCHABLE[name]
-            default = getattr(getattr(base, section), fld)
+            value = values.get(name, fallback.get(name))
+            if value is None:
+                continue
             if dim.kind in ("float", "int"):
-                v = min(max(float(default), float(dim.low)), float(dim.high))
-                values[name] = int(round(v)) if dim.kind == "int" else v
-            elif default in dim.choices:
-                values[name] = default
-            elif all(isinstance(c, (int, float)) for c in dim.choices) and isinstance(default, (int, float)):
-                values[name] = min(dim.choices, key=lambda c: (abs(math.log(max(c, 1e-12)) - math.log(max(default, 1e-12))), c))
+                v = min(max(float(value), float(dim.low)), float(dim.high))
+                out[name] = int(round(v)) if dim.kind == "int" else v
+            elif value in dim.choices:
+                out[name] = value
+            elif all(isinstance(c, (int, float)) for c in dim.choices) and isinstance(value, (int, float)):
+                out[name] = min(dim.choices, key=lambda c: (abs(math.log(max(c, 1e-12)) - math.log(max(value, 1e-12))), c))
             else:
-                values[name] = dim.choices[0]
-        if values.get("method", self.fixed().get("method")) != "lora":
+                out[name] = fallback[name] if fallback.get(name) in dim.choices else dim.choices[0]
+        if out.get("method", self.fixed().get("method")) != "lora":
             for name in CONDITIONAL_ON_LORA:
-                values.pop(name, None)
-        return values
+                out.pop(name, None)
+        return out
 
     def describe(self) -> dict[str, str]:
         return {k: v.describe() for k, v in self.dims.items()}

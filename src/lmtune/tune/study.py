@@ -41,10 +41,11 @@ from lmtune._console import log
 from lmtune._io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from lmtune.config import RunConfig, SearchConfig, TuneConfig
 from lmtune.errors import ConfigError, DivergenceError, Interrupted, LmtuneError, ModelError, StudyError
+from lmtune.records import STUDY_FILE
 from lmtune.tune.answer import ANSWER_FILE, DEFAULT_ATTR, answer_lines, compute_answer
 from lmtune.tune.space import SEARCHABLE, SearchSpace, build_space
+from lmtune.tune.warm import WARM_ATTR, load_source, warm_configurations
 
-STUDY_FILE = "study.json"
 # Reliability tests: a real kill -9 of this worker at its k-th evaluation (counted over all its trials).
 _FAULT_ENV = "LMTUNE_FAULT_KILL_AFTER_EVALS"
 _evals_seen = 0
@@ -341,6 +342,10 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
     longest = _longest(space.dims.get("max_length"), run.train.max_length)
     for name in model_names:  # fail before the study starts, not in every trial
         check_max_length(dataclasses.replace(run.model, name=name), longest, resolve(name, run.model.cache_dir))
+    warm = load_source(tc.warm_start) if tc.warm_start else None  # a bad folder fails before anything is written
+    if warm is not None and warm.task and warm.task != task.name:
+        log.warning(f"--warm-start {tc.warm_start} is a {warm.task} study and this one is {task.name}: only the "
+                    "settings both spaces share carry over, and what won there may not win here")
     plan = _make_plan(run, space, tc, task, bundle, out)
     plan_check = None
     if plan is not None:
@@ -383,14 +388,16 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
             deadline = time.time() + 30
             while "n_trials" not in study.user_attrs and time.time() < deadline:
                 time.sleep(0.5)
-        if created and tc.default_first:
-            _enqueue_defaults(study, space, run)
+        if created:
+            _enqueue_first(study, space, run, tc, warm)
         if created or study.user_attrs.get("n_trials") != tc.n_trials:
             _ensure_slots(study, tc.n_trials)
             study.set_user_attr("n_trials", tc.n_trials)
-    elif created and tc.default_first:
-        _enqueue_defaults(study, space, run)
+    elif created:
+        _enqueue_first(study, space, run, tc, warm)
     atomic_write_json(out / STUDY_FILE, meta)
+    if warm is not None and not created:
+        log.info("warm start: ignored, the study is resumed (its first trials were queued when it was created)")
     c = _counts(study)
     log.info(f"study '{tc.study_name}' in {redact(url)}: {'created' if created else 'resumed'}; "
              f"{c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed so far")
@@ -654,10 +661,24 @@ def _run_trial(study, trial, space: SearchSpace, run: RunConfig, tc: TuneConfig,
     return state
 
 
-def _enqueue_defaults(study, space: SearchSpace, run: RunConfig) -> None:
-    """The first slot runs the documented default configuration: users want to know how the defaults do, and
-    it is the baseline that says what tuning bought."""
-    study.enqueue_trial(space.defaults(run), user_attrs={"lmtune_slot": True, DEFAULT_ATTR: True}, skip_if_exists=False)
+def _enqueue_first(study, space: SearchSpace, run: RunConfig, tc: TuneConfig, warm) -> None:
+    """The first slots of a new study. The documented default configuration first: users want to know how the
+    defaults do, and it is the baseline that says what tuning bought. Then, with --warm-start, the best
+    configurations of the other study (lmtune.tune.warm), so the region that won there is measured here early."""
+    defaults = space.defaults(run)
+    if tc.default_first:
+        study.enqueue_trial(defaults, user_attrs={"lmtune_slot": True, DEFAULT_ATTR: True}, skip_if_exists=False)
+    if warm is None:
+        return
+    room = tc.warm_start_top if tc.n_trials is None else min(tc.warm_start_top, tc.n_trials - int(tc.default_first))
+    chosen = warm_configurations(warm, space, defaults, max(0, room), skip=[defaults] if tc.default_first else [])
+    for params, source in chosen:
+        origin = {"study": str(warm.folder), "trial": source.number, "metric": warm.metric, "value": source.value,
+                  "confirmed": source.confirmed}
+        study.enqueue_trial(params, user_attrs={"lmtune_slot": True, WARM_ATTR: origin}, skip_if_exists=False)
+    log.info(f"warm start: {len(chosen)} configuration(s) of {warm.folder} ("
+             + ", ".join(f"trial {s.number}: {warm.metric} {s.value:.4f}{' confirmed' if s.confirmed else ''}" for _, s in chosen)
+             + ") queued" + (" after the defaults" if tc.default_first else ""))
 
 
 def _refit_rows(bundle, tc: TuneConfig) -> int | None:
