@@ -150,3 +150,18 @@ def test_the_answer_is_one_computation_shown_everywhere(tune_data, tiny_llama, t
     assert "What matters for this task" in (out / "summary.md").read_text()
     html = (out / "report.html").read_text()
     assert "The answer: what matters for this task" in html and answer["statements"][0][:40] in html
+
+
+def test_a_budget_only_search_confirms_with_the_time_it_kept(tune_data, tiny_llama, tmp_path, capsys):
+    """--n-trials none: the budget ends the search, and the share of it held back for confirmation is spent on it
+    (before, the reserve was kept while trials ran and then never used)."""
+    out = tmp_path / "s"
+    code = main(base_args(tune_data, tiny_llama, out, "--lr", "1e-4..1e-2:log", "--n-trials", "none", "--budget", "15s",
+                          "--confirm-seeds", "2", "--confirm-top", "3", "--pruner", "none"))
+    assert code == 0
+    log = capsys.readouterr().out
+    assert (out / "confirm.json").is_file(), log[-2500:]
+    conf = json.loads((out / "confirm.json").read_text())
+    # Sized to what the budget left (tiny trials: ~6 runs were held back), at least the best trial on one more seed.
+    assert conf["results"] and len(conf["results"][0]["values"]) >= 2
+    assert "confirming" in log

@@ -488,9 +488,14 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
     finally:
         _restore_signals(old_handlers)
 
+    # What the search left of the budget, read before the seconds of bookkeeping below (importances, choosing
+    # the worker that finishes) so that they do not eat the time kept for confirmation and refit.
+    left = None if budget is None else budget - (time.time() - t_start)
     result = summarize(study, out, run.train.metric)
-    if result.best_trial is not None and tc.n_trials is not None and _is_leader(study):
-        left = None if budget is None else budget - (time.time() - t_start)
+    # The search is over for this worker: its trial slots are used up or its budget is. With --n-trials none a
+    # budget ends it; the last worker to stop (none of the study's trials still running) runs what follows.
+    search_over = tc.n_trials is not None or _counts(study)["running"] == 0
+    if result.best_trial is not None and search_over and _is_leader(study):
         top, seeds, do_refit, note = finish.fit(study, trial_seconds, left, refit_rows is not None)
         if note:
             log.info(note)
