@@ -113,3 +113,34 @@ def test_openai_chat_file_trains_as_it_is(tiny_llama, generation_files, tmp_path
     capsys.readouterr()
     code = main(["predict", str(tmp_path / "o"), generation_files["test"]])
     assert code == 0 and len(capsys.readouterr().out.strip().splitlines()) == 16
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2", "tiny_gemma3"])
+def test_logits_only_from_the_first_target_position(fixture, request):
+    """The training loss computes the LM head only from the first position that predicts a completion token: the
+    same loss and gradients as over every position, on a [rows, fewer positions, vocabulary] tensor."""
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.tasks.generation import IGNORE, target_logits, token_loss_sum
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture), dtype=torch.float32)
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (3, 20))
+    mask = torch.ones_like(ids)
+    mask[2, 16:] = 0  # a shorter, right-padded row
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 12:20] = ids[0, 12:20]
+    labels[1, 14:20] = ids[1, 14:20]
+    labels[2, 11:16] = ids[2, 11:16]
+    short = target_logits(model, ids, mask, labels)
+    assert short.shape[1] == 20 - 10  # from position 10, which predicts the first target (row 2, position 11)
+    loss = token_loss_sum(short, labels)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    full = token_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
+    full.backward()
+    assert loss.item() == pytest.approx(full.item(), rel=1e-5)
+    for g, p in zip(grads, [p for p in model.parameters() if p.grad is not None]):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)

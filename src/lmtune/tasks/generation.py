@@ -9,6 +9,7 @@ against every reference of a prompt with exact match, token F1, ROUGE-L, BLEU an
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -79,8 +80,7 @@ class GenerationTask:
 
     def loss_sum(self, model: Any, enc: Any, rows: list[int], pad_id: int, device: Any) -> tuple[torch.Tensor, int]:
         input_ids, attention, labels = _pad(enc, rows, pad_id, device)
-        logits = model(input_ids=input_ids, attention_mask=attention).logits
-        return token_loss_sum(logits, labels), int(attention.sum())
+        return token_loss_sum(target_logits(model, input_ids, attention, labels), labels), int(attention.sum())
 
     def chance_loss(self, bundle: Any) -> float:
         return 0.0  # a pretrained LM's first loss is already meaningful
@@ -173,10 +173,47 @@ def _pad(enc: Any, rows: list[int], pad_id: int, device: Any) -> tuple[torch.Ten
     return ids.to(device), mask.to(device), labels.to(device)
 
 
+def target_logits(model: Any, input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The model's logits from the first position that predicts a target (in any row) to the end.
+
+    The positions before it only read the prompt: their logits, [rows, positions, vocabulary], would be computed
+    (the LM head is a fifth of a small model's forward FLOPs at a 50k vocabulary) and thrown away. transformers'
+    ``logits_to_keep`` keeps the last k positions; with right padding they are the completions."""
+    has_target = (labels[:, 1:] != IGNORE).any(dim=0)
+    first = int(has_target.nonzero()[0]) if bool(has_target.any()) else 0
+    kwargs = {"logits_to_keep": labels.shape[1] - first} if first > 0 and _keeps_logits(model) else {}
+    return model(input_ids=input_ids, attention_mask=attention, **kwargs).logits
+
+
+def first_target(labels: Any) -> int:
+    """Index of a row's first target token (its length when it has none): ``target_logits`` computes logits from
+    the position before the earliest one of a batch."""
+    return next((i for i, y in enumerate(labels) if int(y) != IGNORE), len(labels))
+
+
+def logit_positions(first_targets: list[int], width: int) -> int:
+    """How many positions ``target_logits`` computes logits for, in a batch of rows padded to ``width``."""
+    return width - max(0, min(first_targets) - 1)
+
+
+def _keeps_logits(model: Any) -> bool:
+    """Whether the causal LM under any wrappers (DDP's ``module``, peft's base model) takes ``logits_to_keep``."""
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of each position's prediction of the next token, over positions with a label."""
+    """Summed cross-entropy of each position's prediction of the next token, over positions with a label.
+    ``logits`` may cover only the last positions of the rows (``target_logits``); labels are aligned to them."""
     shift_logits = logits[:, :-1, :]
-    shift_labels = labels[:, 1:]
+    shift_labels = labels[:, labels.shape[1] - logits.shape[1] + 1:]
     keep = shift_labels != IGNORE
     # Only the positions with a target go through the fp32 softmax: the prompt is most of a row, and a
     # full [batch, length, vocabulary] fp32 copy is the largest tensor of a step.
@@ -195,7 +232,7 @@ def _loss_over(model: Any, enc: Any, batch_size: int, pad_id: int, device: Any) 
         if not n:
             continue
         ids, mask, labels = _pad(enc, rows, pad_id, device)
-        total += float(token_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels))
+        total += float(token_loss_sum(target_logits(model, ids, mask, labels), labels))
         tokens += n
     return total, tokens
 

@@ -77,6 +77,9 @@ class ProbeResult:
     seconds: float = 0.0
     """Wall-clock time the probe itself took."""
     extra: dict[str, Any] = field(default_factory=dict)
+    peak_logit_positions: int | None = None
+    """Positions of the longest micro-batch whose logits the loss computed (generation: from the first that
+    predicts a target, ``lmtune.tasks.generation.target_logits``); None: all ``peak_width``."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,6 +132,12 @@ def _load_average() -> float | None:
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
         return None
+
+
+def _logit_positions(enc: Any, rows: list[int]) -> int:
+    from lmtune.tasks.generation import first_target, logit_positions
+
+    return logit_positions([first_target(enc.labels[i]) for i in rows], max(len(enc.input_ids[i]) for i in rows))
 
 
 def _timed(fn) -> float:
@@ -205,6 +214,7 @@ def probe(cfg: Any, *, bundle: Any, tokenized_cache_dir: str, scratch: Path, war
             setup_s=setup_s, steps=steps, peak_bytes=meter.peak_bytes, peak_method=meter.method,
             peak_rows=len(peak_rows), peak_width=max(int(lengths[i]) for i in peak_rows),
             peak_target_tokens=int(task.loss_units(s.train_enc, peak_rows)) if task.name == "generation" else 0,
+            peak_logit_positions=_logit_positions(s.train_enc, peak_rows) if task.name == "generation" else None,
             eval_batches=eval_batches, eval_fixed_s=eval_fixed_s, eval_batch_size=s.eval_batch_size, micro_batch_size=st.micro_batch_size,
             oom_events=list(st.oom_events), decode=decode, copy_s=copy_s, save_s=save_s,
             precision="fp32" if s.mixed == "no" else s.mixed, total_params=s.loaded.total_params,

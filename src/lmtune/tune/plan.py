@@ -30,7 +30,8 @@ width, n rows of the longest micro-batch, V vocabulary, t its loss tokens, ℓ l
                   norms = 4h (bf16-master) or 12h (autocast: the residual stream and norms stay fp32);
                   attention = d x a x s (lmtune_eager keeps the probabilities), (4 + d) x a x s (eager), 0 (SDPA)
     backward      n x s x (d x (4h + 4I) + 2d x a x s): one layer's temporaries while backward works on it
-    logits        generation: d x n x s x V + (8 + d) x t x V (the logits, the loss's fp32 copy and log-softmax)
+    logits        generation: d x n x k x V + (8 + d) x t x V (the logits, the loss's fp32 copy and log-softmax),
+                  k = the positions from the first one that predicts a target to the end (s with --train-on-prompt)
     evaluation    the evaluation batch's (2 x micro) logits and one layer's hidden states, no gradients
     best weights  4T on a CPU: a search trial keeps the best evaluation's weights in host memory
     CPU only      32 MiB (the runtime: oneDNN scratch, thread pools) + 15% of activations and backward (the heap
@@ -71,7 +72,7 @@ __all__ = ["CHECK_FILE", "PLAN_FILE", "Plan", "PlanCheck", "Prediction", "Row", 
 
 PLAN_FILE = "plan.json"
 CHECK_FILE = "plan_check.json"
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: generation computes logits only from the first target position (faster steps, smaller peak)
 CPU_RUNTIME_BYTES = 32 * 1024**2
 """What a CPU process adds once it trains, besides tensors (oneDNN scratch, thread pools, the autograd graph's
 objects): measured ~20-30 MiB on a 3M-parameter model; a GPU's max_memory_allocated counts tensors only."""
@@ -242,6 +243,8 @@ class Batch:
     rows: int
     width: int
     target_tokens: int = 0
+    logit_positions: int | None = None
+    """Positions whose logits are computed (generation: from the first that predicts a target); None: all ``width``."""
 
 
 def memory_terms(arch: Arch, counts: Counts, *, mode: str, attention: str, task: str, train: Batch, evaluation: Batch,
@@ -282,8 +285,9 @@ def memory_terms(arch: Arch, counts: Counts, *, mode: str, attention: str, task:
     backward = int(train.rows * train.width * (d * (4 * h + 4 * arch.intermediate) + 2 * d * arch.heads * train.width))
     logits = eval_logits = 0
     if task == "generation":
-        logits = d * train.rows * train.width * arch.vocab + (8 + d) * train.target_tokens * arch.vocab
-        eval_logits = d * evaluation.rows * evaluation.width * arch.vocab + (8 + d) * evaluation.target_tokens * arch.vocab
+        logits = d * train.rows * (train.logit_positions or train.width) * arch.vocab + (8 + d) * train.target_tokens * arch.vocab
+        eval_logits = (d * evaluation.rows * (evaluation.logit_positions or evaluation.width) * arch.vocab
+                       + (8 + d) * evaluation.target_tokens * arch.vocab)
     # No gradients at evaluation; the hidden states of one layer at a time (the MLP is the widest).
     eval_peak = eval_logits + d * evaluation.rows * evaluation.width * (2 * h + 2 * arch.intermediate)
     optimizer = 8 * t
@@ -317,21 +321,32 @@ class _Rows:
     train_targets: list[int] | None
     val_lengths: list[int]
     val_targets: list[int] | None = None
+    train_first_targets: list[int] | None = None
+    """Generation: each row's first target index (``lmtune.tasks.generation.first_target``)."""
+    val_first_targets: list[int] | None = None
     val_prompt_lengths: list[int] | None = None
     decode_groups: list[list[int]] = field(default_factory=list)
     max_new_tokens: int | None = None
 
     def longest(self, micro: int, targets: bool = True) -> Batch:
         order = sorted(range(len(self.train_lengths)), key=lambda i: (-self.train_lengths[i], i))[:micro]
-        return Batch(len(order), max(self.train_lengths[i] for i in order),
-                     sum(self.train_targets[i] for i in order) if self.train_targets is not None and targets else 0)
+        return self._batch(order, self.train_lengths, self.train_targets if targets else None, self.train_first_targets)
 
     def longest_eval(self, size: int) -> Batch:
         order = sorted(range(len(self.val_lengths)), key=lambda i: (-self.val_lengths[i], i))[:size]
         if not order:
             return Batch(0, 0)
-        return Batch(len(order), max(self.val_lengths[i] for i in order),
-                     sum(self.val_targets[i] for i in order) if self.val_targets is not None else 0)
+        return self._batch(order, self.val_lengths, self.val_targets, self.val_first_targets)
+
+    @staticmethod
+    def _batch(order: list[int], lengths: list[int], targets: list[int] | None, firsts: list[int] | None) -> Batch:
+        from lmtune.tasks.generation import logit_positions
+
+        width = max(lengths[i] for i in order)
+        if targets is None:
+            return Batch(len(order), width)
+        positions = logit_positions([firsts[i] for i in order], width) if firsts is not None else None
+        return Batch(len(order), width, sum(targets[i] for i in order), positions)
 
 
 def _encode_rows(task: Any, tokenizer: Any, bundle: Any, cfg: Any, cache_dir: str) -> _Rows:
@@ -342,6 +357,10 @@ def _encode_rows(task: Any, tokenizer: Any, bundle: Any, cfg: Any, cache_dir: st
     if task.name == "generation":
         rows.train_targets = [int(x) for x in train.target_tokens]
         rows.val_targets = [int(x) for x in val.target_tokens]
+        from lmtune.tasks.generation import first_target
+
+        rows.train_first_targets = [first_target(y) for y in train.labels]
+        rows.val_first_targets = [first_target(y) for y in val.labels]
         rows.val_prompt_lengths = [len(p) for p in val.prompt_ids]
         rows.max_new_tokens = task.max_new_tokens
         groups = list(bundle.val.groups().values())
@@ -827,7 +846,7 @@ def _apply_calibration(row: Row, entry: dict[str, Any], rows: _Rows, cfg: Any, s
     if p.peak_bytes is not None:
         # The measurement was on the calibration's longest batch; today's data may be a little longer or shorter
         # within the same length bucket: move it by what the formula says that difference costs.
-        then = formula(Batch(p.peak_rows, p.peak_width, p.peak_target_tokens), counts)["training_peak"]
+        then = formula(Batch(p.peak_rows, p.peak_width, p.peak_target_tokens, p.peak_logit_positions), counts)["training_peak"]
         now = row.memory["training_peak"]
         row.measured_peak = int(p.peak_bytes + (now - then) + row.memory["best_weights"])
         if row.fits and row.measured_peak > limit:
