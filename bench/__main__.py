@@ -3,7 +3,9 @@
     python -m bench throughput --data sst2 --rows 2000 --steps 40 --repeats 3
     python -m bench throughput --data ag_news --rows 2000 --steps 20 --repeats 3 --max-length 128
     python -m bench mfu --data ag_news --steps 20
-    python -m bench search --budget 10m
+    python -m bench search --data sst2 --budget 30m --seeds 0,1       # lmtune tune (TPE, random) vs Trainer.hyperparameter_search
+    python -m bench search --data e2e_nlg --budget 30m --seeds 0,1    # the same on generation (validation loss)
+    python -m bench search --tiny                                     # its code paths on a tiny random model (< 1 min)
     python -m bench quality --rows 2000
     python -m bench all --quick
     python -m bench gpu --out bench/results          # CUDA: lmtune vs Trainer (best GPU flags), a tiny study; --tiny on CPU
@@ -13,16 +15,8 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
-
-
-def _seconds(text: str) -> float:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"expected e.g. 90s, 10m, 1h, got {text!r}")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,11 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--repeats", type=int, default=3)
     m.add_argument("--max-length", type=int)
     m.add_argument("--threads", type=int)
-    s = sub.add_parser("search", help="lmtune tune (TPE, random) vs Trainer.hyperparameter_search, same budget")
-    s.add_argument("--budget", type=_seconds, default=600.0, help="per contender, e.g. 10m")
-    s.add_argument("--data", default="sst2")
-    s.add_argument("--rows", type=int, default=1000)
-    s.add_argument("--val-rows", type=int, default=400)
+    from bench import search as search_bench
+    s = sub.add_parser("search", help="lmtune tune (TPE, random, warm start) vs Trainer.hyperparameter_search: same space, "
+                                      "data and budget per sampler seed; best-so-far curves, confirmed means, time to "
+                                      "the Trainer's best", description=search_bench.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    search_bench.add_arguments(s)
     q = sub.add_parser("quality", help="test accuracy vs TF-IDF + logistic regression and published references")
     q.add_argument("--rows", type=int, default=2000)
     q.add_argument("--data", default="sst2,ag_news,trec")
@@ -79,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     elif ns.cmd == "mfu":
         throughput.mfu(ns.data, ns.rows, ns.steps, ns.repeats, max_length=ns.max_length, threads=ns.threads)
     elif ns.cmd == "search":
-        search.run(ns.budget, data=ns.data, rows=ns.rows, val_rows=ns.val_rows)
+        return search.run_from_args(ns)
     elif ns.cmd == "quality":
         quality.run(ns.data.split(","), ns.rows, epochs=ns.epochs, test_rows=ns.test_rows)
     elif ns.cmd == "all":
