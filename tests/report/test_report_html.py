@@ -175,3 +175,29 @@ def test_minimised_study_with_dynamic_space_and_no_user_attrs(tmp_path):
     assert "Learning rate x batch size: the study does not search both" in page
     assert "momentum_pct" in page
     assert f"best: trial #{study.best_trial.number}, val_loss {study.best_value:.4f}" in (folder / "summary.md").read_text()
+
+
+def test_size_view_draws_the_frontier_the_confirmed_means_and_the_verdict(study_dir: Path):
+    """Issue 10: metric against cost per size, the quality-for-time frontier, and which size wins for the budget
+    with its confirmed mean and standard deviation (as the study's answer.json says it)."""
+    import optuna
+
+    verdict = ("smollm2-135m and tiny-gpt2 are within seed noise of each other (0.0100 apart, noise 0.0150): "
+               "tiny-gpt2 wins for the time, at 12 s per trial.")
+    sizes = [{"model": "smollm2-135m", "best_value": 0.87, "best_trial": 0, "confirmed_mean": 0.8512,
+              "confirmed_std": 0.0084, "seconds_per_trial": 300.0, "trials_in_budget": 6},
+             {"model": "tiny-gpt2", "best_value": 0.7, "best_trial": 1, "confirmed_mean": None,
+              "seconds_per_trial": 12.0, "trials_in_budget": 150}]
+    (study_dir / "answer.json").write_text(json.dumps({"metric": "accuracy", "importances": [], "parameters": {},
+                                                       "sizes": sizes, "statements": [verdict, "another statement"]}))
+    page = Path(write_report(str(study_dir))).read_text()
+    section = page[page.index('id="model-size--metric-and-cost"'):page.index('id="how-good-was-the-plan"')]
+    assert "frontier (best at this cost)" in section and "confirmed mean \\u00b1 std (3 seeds)" in section  # JSON-escaped
+    assert "smollm2-135m: best 0.8700 (trial 0), confirmed 0.8512 ± 0.0084, 300 s per trial, ~6 trials in the budget" in section
+    assert "tiny-gpt2: best 0.7000 (trial 1), not confirmed on other seeds" in section
+    assert verdict in section and "another statement" not in section
+    # The frontier: the best value of any trial at most that long, rising to the study's best.
+    start = section.index('"name":"frontier (best at this cost)"')
+    ys = json.loads("[" + re.search(r'"y":\[([^\]]*)\]', section[start:]).group(1) + "]")
+    study = optuna.load_study(study_name="sst-small", storage=f"sqlite:///{study_dir / 'study.db'}")
+    assert ys == sorted(ys) and ys[-1] == pytest.approx(study.best_value)

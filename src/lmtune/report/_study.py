@@ -24,7 +24,7 @@ from urllib.parse import quote, unquote
 
 from lmtune.errors import StudyError
 from lmtune.report._answer import ANSWER_FILE, answer_section, read_answer
-from lmtune.report._page import (BEST_COLOR, MUTED_COLOR, TRAIN_COLOR, Cell, Page, esc, fcount, fparam, log_ticks, metric_scale,
+from lmtune.report._page import (BEST_COLOR, MUTED_COLOR, TRAIN_COLOR, Cell, Page, esc, fcount, fnum, fparam, log_ticks, metric_scale,
                                  num_cell, scale_color, style)
 from lmtune.report._run import (RUN_RECORD, TEXT_METRICS, RunData, _finite, _json_type, add_run_sections, guarded,
                                 higher_is_better, inside, load_run, read_record, resolve_name, safe_file)
@@ -817,13 +817,74 @@ def _cost_chart(page: Page, sd: StudyData) -> None:
             customdata=[[t.number, t.user_attrs.get("epochs_done")] for t in ts],
             hovertemplate="trial #%{customdata[0]}<br>%{x:.1f} s<br>" + sd.metric + " %{y:.4f}<br>epochs %{customdata[1]}<extra>"
                           + esc(g) + "</extra>"))
+    _frontier(fig, sd, pts)
+    confirmed = _confirmed_points(fig, sd, pts)
     style(fig, f"{sd.metric} against the cost of a trial, by model size", "trial wall-clock time (seconds)",
-          axis_title(sd), height=420, legend=True)
+          axis_title(sd), height=440, legend=True)
     fig.update_xaxes(rangemode="tozero")
     fig.update_layout(legend={"title": {"text": "model (size)"}})
     page.figure(fig, (f"Up and to the left is better: a higher {sd.metric} for less time." if sd.maximize else
                       f"Down and to the left is better: a lower {sd.metric} for less time.")
-                + " Complete trials only; time includes evaluation.")
+                + " Complete trials only; time includes evaluation. The dashed line is the quality-for-time frontier: "
+                  f"the best {sd.metric} of any trial that took at most that long."
+                + (" Open markers with bars: the seed confirmation's mean and standard deviation of a trial." if confirmed else ""))
+    _size_verdict(page, sd)
+
+
+def _frontier(fig: Any, sd: StudyData, pts: list[Any]) -> None:
+    """The best value reached by any trial at most this long (a step line over every size)."""
+    import plotly.graph_objects as go
+
+    xs, ys, best = [], [], None
+    for t in sorted(pts, key=_trial_seconds):
+        if best is None or (t.value > best if sd.maximize else t.value < best):
+            best = t.value
+            xs.append(_trial_seconds(t))
+            ys.append(best)
+    if len(xs) < 2:
+        return
+    xs.append(max(_trial_seconds(t) for t in pts))  # carried to the costliest trial: nothing beyond it did better
+    ys.append(best)
+    fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"shape": "hv", "dash": "dash", "color": "#555", "width": 1.5},
+                             name="frontier (best at this cost)", hoverinfo="skip"))
+
+
+def _confirmed_points(fig: Any, sd: StudyData, pts: list[Any]) -> bool:
+    import plotly.graph_objects as go
+
+    seconds = {t.number: _trial_seconds(t) for t in pts}
+    rows = [r for r in (sd.confirm or {}).get("results", []) if r.get("trial") in seconds
+            and _finite(r.get("mean")) and _finite(r.get("std"))]
+    if not rows:
+        return False
+    models = {t.number: t.params.get("model", "") for t in pts}
+    fig.add_trace(go.Scatter(
+        x=[seconds[r["trial"]] for r in rows], y=[r["mean"] for r in rows], mode="markers",
+        name=f"confirmed mean ± std ({len(rows[0].get('values') or [])} seeds)",
+        marker={"size": 14, "symbol": "circle-open", "color": "#111", "line": {"width": 2}},
+        error_y={"type": "data", "array": [r["std"] for r in rows], "visible": True, "color": "#111"},
+        customdata=[[r["trial"], models.get(r["trial"], ""), r["std"]] for r in rows],
+        hovertemplate="trial #%{customdata[0]} %{customdata[1]}<br>" + sd.metric
+                      + " %{y:.4f} ± %{customdata[2]:.4f}<extra>confirmed</extra>"))
+    return True
+
+
+def _size_verdict(page: Page, sd: StudyData) -> None:
+    """Which size wins for the budget, as the study's answer (answer.json) says it: nothing recomputed here."""
+    answer, _ = read_answer(sd.folder)
+    sizes = [s for s in (answer or {}).get("sizes", []) if isinstance(s, dict) and isinstance(s.get("model"), str)]
+    if len(sizes) < 2:
+        return
+    names = [s["model"] for s in sizes]
+    verdict = [st for st in answer.get("statements", []) if isinstance(st, str) and sum(n in st for n in names) >= 2]
+    lines = []
+    for s in sizes:
+        confirmed = (f"confirmed {fnum(s['confirmed_mean'], 4)} ± {fnum(s.get('confirmed_std'), 4)}"
+                     if _finite(s.get("confirmed_mean")) else "not confirmed on other seeds")
+        per = f", {fnum(s['seconds_per_trial'], 0)} s per trial" if _finite(s.get("seconds_per_trial")) else ""
+        fit = f", ~{s['trials_in_budget']} trials in the budget" if isinstance(s.get("trials_in_budget"), int) else ""
+        lines.append(f"{s['model']}: best {fnum(s.get('best_value'), 4)} (trial {s.get('best_trial')}), {confirmed}{per}{fit}")
+    page.raw("<ul>" + "".join(f"<li>{esc(x)}</li>" for x in lines + verdict) + "</ul>")
 
 
 PLAN_CHECK = "plan_check.json"
