@@ -784,17 +784,23 @@ def refit(study, space: SearchSpace, run: RunConfig, tc: TuneConfig, out: Path, 
         # Its own data bundle (more rows); the tokenisation cache is shared.
         r = train_fn(cfg, resources=Resources(tokenized_cache_dir=resources.tokenized_cache_dir), quiet=True)
         value = r.best[metric]
-        better = value >= best.value if maximize else value <= best.value
-        record |= {"refit_value": value, "seconds": round(time.time() - t0, 2),
-                   "kept": "refit" if better else "search"}
-        if better:
+        noise, why = _validation_noise(study, best, metric, r.record)
+        # The same configuration on more rows is expected to be at least as good, and the search-trained value is
+        # the best of many trials on these validation rows (selected, so optimistic): the refit model is handed
+        # back unless it is worse by more than the validation noise.
+        shortfall = (best.value - value) if maximize else (value - best.value)
+        keep_refit = shortfall <= noise
+        record |= {"refit_value": value, "seconds": round(time.time() - t0, 2), "noise": noise, "noise_from": why,
+                   "kept": "refit" if keep_refit else "search"}
+        if keep_refit:
             atomic_write_json(out / "refit" / "trial.json", {"trial": best.number, "params": params, "value": value,
                                                              "refit_rows": rows})
             _swap_into(out / "refit", out / "best")
-            log.info(f"refit: {metric} {value:.4f} on validation (search-trained: {best.value:.4f}); best/ is the refit model")
+            log.info(f"refit: {metric} {value:.4f} on validation (search-trained: {best.value:.4f}; noise ±{noise:.4f}, "
+                     f"{why}); best/ is the model trained on all {rows} rows")
         else:
-            log.info(f"refit: {metric} {value:.4f} on validation, not better than the search-trained {best.value:.4f}; "
-                     "best/ keeps the search-trained model")
+            log.info(f"refit: {metric} {value:.4f} on validation, below the search-trained {best.value:.4f} by more than "
+                     f"the noise (±{noise:.4f}, {why}); best/ keeps the search-trained model")
     except DivergenceError as e:
         record |= {"refit_value": None, "kept": "search", "error": f"diverged: {e}"}
         log.warning(f"refit diverged ({e}); best/ keeps the search-trained model")
@@ -805,6 +811,20 @@ def refit(study, space: SearchSpace, run: RunConfig, tc: TuneConfig, out: Path, 
         record["default_trial"] = {"trial": default.number, "value": default.value, "state": default.state.name}
     atomic_write_json(out / REFIT_FILE, record)
     return record
+
+
+def _validation_noise(study, best, metric: str, refit_record: dict[str, Any]) -> tuple[float, str]:
+    """How far apart two equally good models' validation scores can lie: the seed confirmation's standard deviation
+    of this trial when it ran, else for a proportion (accuracy, macro-F1) twice its binomial standard error on the
+    validation rows (a 95% band), else 0 (no basis: the better score wins)."""
+    confirmation = study.user_attrs.get("confirmed_std", {})
+    std = confirmation.get(str(best.number)) if isinstance(confirmation, dict) else None
+    if isinstance(std, (int, float)) and math.isfinite(std) and std > 0:
+        return float(std), "the seed confirmation's standard deviation"
+    n_val = ((refit_record.get("data") or {}).get("rows") or {}).get("val")
+    if metric in ("accuracy", "macro_f1") and isinstance(n_val, int) and n_val > 0 and 0 <= best.value <= 1:
+        return 2 * math.sqrt(best.value * (1 - best.value) / n_val), f"2 standard errors on {n_val} validation rows"
+    return 0.0, "no noise estimate for this metric"
 
 
 def _default_trial(study):
@@ -925,6 +945,7 @@ def confirm(study, space, run: RunConfig, tc: TuneConfig, out: Path, n_train: in
     if best_mean["trial"] != top[0].number:
         log.info(f"note: trial {best_mean['trial']} has the best mean over seeds; trial {top[0].number}'s lead was within seed noise")
     study.set_user_attr("confirmation_done", True)
+    study.set_user_attr("confirmed_std", {str(r["trial"]): r["std"] for r in results if math.isfinite(r["std"])})
     atomic_write_json(out / "confirm.json", conf)
     return conf
 
