@@ -413,7 +413,7 @@ class TuneConfig:
     warm_start_top: int = 3
     """How many of the --warm-start study's best distinct configurations to run first."""
     refit: Literal["auto", "always", "never"] = "auto"
-    """Retrain the winning configuration on all training rows before saving it as best/: auto does so when the search trained on a sample (--max-train-rows); best/ keeps whichever of the two scores better on validation."""
+    """Retrain the winning configuration on all training rows before saving it as best/: auto does so when the search trained on a sample (--max-train-rows); best/ is the retrained model unless it scores worse on validation than the search-trained one by more than the validation noise."""
     refit_rows: int | None = None
     """Training rows of the refit (stratified sample, seeded); default: all training rows."""
     reserve_fraction: float = 0.3

@@ -169,3 +169,16 @@ def test_a_budget_only_search_confirms_with_the_time_it_kept(tune_data, tiny_lla
     # Sized to what the budget left (tiny trials: ~6 runs were held back), at least the best trial on one more seed.
     assert conf["results"] and len(conf["results"][0]["values"]) >= 2
     assert "confirming" in log
+
+
+def test_refit_noise_is_the_confirmed_std_else_the_binomial_band():
+    from lmtune.tune.study import _validation_noise
+
+    best = SimpleNamespace(number=4, value=0.9)
+    record = {"data": {"rows": {"val": 400}}}
+    confirmation = {"results": [{"trial": 2, "std": 0.05}, {"trial": 4, "std": 0.012}]}
+    assert _validation_noise(confirmation, best, "accuracy", record)[0] == pytest.approx(0.012)
+    noise, why = _validation_noise(None, best, "accuracy", record)
+    assert noise == pytest.approx(2 * math.sqrt(0.9 * 0.1 / 400)) and "400 validation rows" in why
+    assert _validation_noise({"results": [{"trial": 4, "std": 0.0}]}, best, "accuracy", record)[0] == pytest.approx(noise)
+    assert _validation_noise(None, SimpleNamespace(number=4, value=1.3), "val_loss", record)[0] == 0.0

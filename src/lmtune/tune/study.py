@@ -504,7 +504,8 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
             result.confirmation = confirm(study, space, run, sized, out, n_train, resources, train, worker=worker)
         if do_refit:
             worker.apply()
-            result.refit = refit(study, space, run, tc, out, n_train, refit_rows, resources, train)
+            result.refit = refit(study, space, run, tc, out, n_train, refit_rows, resources, train,
+                                 confirmation=result.confirmation)
         study.set_user_attr("finish_done", True)
     _write_outputs(study, out, run.train.metric, result)
     if plan_check is not None and plan_check.line():
@@ -764,7 +765,7 @@ class _FinishPlan:
 
 
 def refit(study, space: SearchSpace, run: RunConfig, tc: TuneConfig, out: Path, n_search_rows: int, rows: int,
-          resources, train_fn) -> dict[str, Any]:
+          resources, train_fn, confirmation: dict[str, Any] | None = None) -> dict[str, Any]:
     """Retrain the best trial's configuration on ``rows`` training rows (the same epochs, so more steps) and keep
     whichever of it and the search-trained model scores better on the same validation rows as ``best/``."""
     from lmtune.train import Resources
@@ -784,7 +785,7 @@ def refit(study, space: SearchSpace, run: RunConfig, tc: TuneConfig, out: Path, 
         # Its own data bundle (more rows); the tokenisation cache is shared.
         r = train_fn(cfg, resources=Resources(tokenized_cache_dir=resources.tokenized_cache_dir), quiet=True)
         value = r.best[metric]
-        noise, why = _validation_noise(study, best, metric, r.record)
+        noise, why = _validation_noise(confirmation, best, metric, r.record)
         # The same configuration on more rows is expected to be at least as good, and the search-trained value is
         # the best of many trials on these validation rows (selected, so optimistic): the refit model is handed
         # back unless it is worse by more than the validation noise.
@@ -813,12 +814,12 @@ def refit(study, space: SearchSpace, run: RunConfig, tc: TuneConfig, out: Path, 
     return record
 
 
-def _validation_noise(study, best, metric: str, refit_record: dict[str, Any]) -> tuple[float, str]:
+def _validation_noise(confirmation: dict[str, Any] | None, best, metric: str,
+                      refit_record: dict[str, Any]) -> tuple[float, str]:
     """How far apart two equally good models' validation scores can lie: the seed confirmation's standard deviation
-    of this trial when it ran, else for a proportion (accuracy, macro-F1) twice its binomial standard error on the
-    validation rows (a 95% band), else 0 (no basis: the better score wins)."""
-    confirmation = study.user_attrs.get("confirmed_std", {})
-    std = confirmation.get(str(best.number)) if isinstance(confirmation, dict) else None
+    of this trial when it ran (``confirm``'s result), else for a proportion (accuracy, macro-F1) twice its binomial
+    standard error on the validation rows (a 95% band), else 0 (no basis: the better score wins)."""
+    std = next((r["std"] for r in (confirmation or {}).get("results", []) if r.get("trial") == best.number), None)
     if isinstance(std, (int, float)) and math.isfinite(std) and std > 0:
         return float(std), "the seed confirmation's standard deviation"
     n_val = ((refit_record.get("data") or {}).get("rows") or {}).get("val")
@@ -945,7 +946,6 @@ def confirm(study, space, run: RunConfig, tc: TuneConfig, out: Path, n_train: in
     if best_mean["trial"] != top[0].number:
         log.info(f"note: trial {best_mean['trial']} has the best mean over seeds; trial {top[0].number}'s lead was within seed noise")
     study.set_user_attr("confirmation_done", True)
-    study.set_user_attr("confirmed_std", {str(r["trial"]): r["std"] for r in results if math.isfinite(r["std"])})
     atomic_write_json(out / "confirm.json", conf)
     return conf
 
