@@ -15,6 +15,7 @@ from pathlib import Path
 from lmtune._console import log
 from lmtune._io import atomic_write_text
 from lmtune.errors import DataError
+from lmtune.records import STUDY_FILE
 
 __all__ = ["write_report"]
 
@@ -31,18 +32,18 @@ def write_report(path: str, output: str | None = None) -> str:
     """
     from lmtune.report._page import Page
     from lmtune.report._run import RUN_RECORD, load_run, run_summary
-    from lmtune.report._study import STUDY_RECORD, add_study_sections, load_study, study_summary
+    from lmtune.report._study import add_study_sections, load_study, study_summary
 
     folder = Path(path)
     if not folder.exists():
         raise DataError(f"{path}: no such file or folder")
-    if folder.is_file() and folder.name in (RUN_RECORD, STUDY_RECORD):
+    if folder.is_file() and folder.name in (RUN_RECORD, STUDY_FILE):
         folder = folder.parent
     if not folder.is_dir():
-        raise DataError(f"{path}: expected a run folder (with {RUN_RECORD}) or a study folder (with {STUDY_RECORD})")
+        raise DataError(f"{path}: expected a run folder (with {RUN_RECORD}) or a study folder (with {STUDY_FILE})")
     out = _output_path(folder, output)
 
-    if (folder / STUDY_RECORD).exists():
+    if (folder / STUDY_FILE).exists():
         sd = load_study(folder)
         best_link = None
         if sd.best_run is not None:
@@ -66,7 +67,7 @@ def write_report(path: str, output: str | None = None) -> str:
         _write_run_page(run, out)
         summary = _summary(run_summary, run, str(out), f"# lmtune run: {run.name}")
     else:
-        raise DataError(f"{path}: not a run folder (no {RUN_RECORD}) nor a study folder (no {STUDY_RECORD})")
+        raise DataError(f"{path}: not a run folder (no {RUN_RECORD}) nor a study folder (no {STUDY_FILE})")
     _write(out.parent / SUMMARY_NAME, summary)
     log.info(summary.rstrip("\n"))
     return str(out)

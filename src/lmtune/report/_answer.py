@@ -30,8 +30,8 @@ def read_answer(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
     return data, None
 
 
-def answer_section(page: Page, folder: Path) -> None:
-    answer, problem = read_answer(folder)
+def answer_section(page: Page, answer: dict[str, Any] | None, problem: str | None) -> None:
+    """The section, from what ``read_answer`` returned."""
     if answer is None:
         page.note(problem or "No answer yet (answer.json is written when the study finishes).",
                   "warn" if problem else "info")

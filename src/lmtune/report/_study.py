@@ -23,14 +23,15 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from lmtune.errors import StudyError
+from lmtune.records import STUDY_FILE
 from lmtune.report._answer import ANSWER_FILE, answer_section, read_answer
 from lmtune.report._page import (BEST_COLOR, MUTED_COLOR, TRAIN_COLOR, Cell, Page, esc, fcount, fnum, fparam, log_ticks, metric_scale,
                                  num_cell, scale_color, style)
 from lmtune.report._run import (RUN_RECORD, TEXT_METRICS, RunData, _finite, _json_type, add_run_sections, guarded,
                                 higher_is_better, inside, load_run, read_record, resolve_name, safe_file)
-from lmtune.tune.answer import answer_lines
+from lmtune.tune.answer import DEFAULT_ATTR, answer_lines
+from lmtune.tune.warm import WARM_ATTR
 
-STUDY_RECORD = "study.json"
 
 #: params drawn on a log axis when they span more than a factor of 10 (learning rate, weight decay, ...)
 _LOG_HINTS = ("learning_rate", "lr", "weight_decay")
@@ -48,6 +49,9 @@ class StudyData:
     best_run: RunData | None = None
     best_run_dir: Path | None = None
     plan_check: dict[str, Any] | None = None
+    answer: dict[str, Any] | None = None
+    """answer.json as ``lmtune tune`` wrote it (read once: the answer section, the size view and summary.md show it)."""
+    answer_problem: str | None = None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -104,7 +108,7 @@ def load_study(folder: str | Path) -> StudyData:
     import optuna
 
     folder = Path(folder)
-    path = folder / STUDY_RECORD
+    path = folder / STUDY_FILE
     if path.exists() and not inside(folder, path):
         raise StudyError(f"{path}: links outside the folder {folder.resolve()}; not read")
     meta = read_record(path, StudyError, "a study folder")
@@ -121,7 +125,7 @@ def load_study(folder: str | Path) -> StudyData:
                     ("direction", lambda v: v in ("maximize", "minimize"))):
         if meta.get(key) is not None and not ok(meta[key]):
             shown = repr(meta[key]) if len(repr(meta[key])) <= 60 else repr(meta[key])[:57] + "..."
-            problems.append(f"{STUDY_RECORD}: '{key}' {shown} is not valid; ignored")
+            problems.append(f"{STUDY_FILE}: '{key}' {shown} is not valid; ignored")
             meta.pop(key)
     storage, opened = _storage_url(meta["storage"], folder)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -138,7 +142,7 @@ def load_study(folder: str | Path) -> StudyData:
         raise StudyError(f"{path}: cannot read study storage {storage} ({type(e).__name__}: {msg})") from None
     stored = _storage_direction(study)
     if meta.get("direction") and stored in ("maximize", "minimize") and stored != meta["direction"]:
-        problems.append(f"{STUDY_RECORD}: 'direction' {meta['direction']} disagrees with the study storage (direction "
+        problems.append(f"{STUDY_FILE}: 'direction' {meta['direction']} disagrees with the study storage (direction "
                         f"{stored}, the one its trials were optimised in); the storage's direction is used")
         meta.pop("direction")
     # Read the storage's metric and direction once (each property access would query it again).
@@ -149,7 +153,7 @@ def load_study(folder: str | Path) -> StudyData:
     data = StudyData(folder, meta, storage, study, list(trials), problems=problems)
 
     # Optional files named in study.json: followed only inside the study folder, read only as regular files.
-    confirm_path, problem = resolve_name(folder, _or(meta.get("confirmation"), "confirm.json"), f"{STUDY_RECORD} 'confirmation'")
+    confirm_path, problem = resolve_name(folder, _or(meta.get("confirmation"), "confirm.json"), f"{STUDY_FILE} 'confirmation'")
     if problem:
         data.problems.append(problem + ", so no confirmation is shown")
     elif safe_file(folder, confirm_path, confirm_path.name, data.problems):
@@ -168,7 +172,8 @@ def load_study(folder: str | Path) -> StudyData:
         else:
             data.refit = _check_refit(raw, data.problems)
     data.plan_check = _read_plan_check(folder, data.problems)
-    best_dir, problem = resolve_name(folder, _or(meta.get("best_dir"), "best"), f"{STUDY_RECORD} 'best_dir'")
+    data.answer, data.answer_problem = read_answer(folder)
+    best_dir, problem = resolve_name(folder, _or(meta.get("best_dir"), "best"), f"{STUDY_FILE} 'best_dir'")
     if problem:
         data.problems.append(problem + ", so the best trial's run report is not shown")
     elif (best_dir / RUN_RECORD).exists():
@@ -212,7 +217,7 @@ def _check_refit(raw: Any, problems: list[str]) -> dict[str, Any] | None:
 
 def _default_trial(sd: StudyData) -> Any | None:
     for t in sd.trials:
-        if t.user_attrs.get("lmtune_default") is True and t.state.name in ("COMPLETE", "PRUNED"):
+        if t.user_attrs.get(DEFAULT_ATTR) is True and t.state.name in ("COMPLETE", "PRUNED"):
             return t
     return None
 
@@ -314,10 +319,10 @@ def _storage_url(url: str, folder: Path) -> tuple[str, str]:
             local = folder / db.name
             db = local if db.name and local.is_file() and inside(folder, local) else db
         if not db.is_file():
-            raise StudyError(f"{folder / STUDY_RECORD}: study database {db} does not exist")
+            raise StudyError(f"{folder / STUDY_FILE}: study database {db} does not exist")
         db = db.resolve()
     except (OSError, ValueError, RuntimeError) as e:
-        raise StudyError(f"{folder / STUDY_RECORD}: study database in {url!r} cannot be used ({type(e).__name__})") from None
+        raise StudyError(f"{folder / STUDY_FILE}: study database in {url!r} cannot be used ({type(e).__name__})") from None
     from sqlalchemy.engine import URL
 
     # SQLite's URI form (percent-encoded path), put in SQLAlchemy's URL by SQLAlchemy itself so it round-trips.
@@ -347,7 +352,7 @@ def add_study_sections(page: Page, sd: StudyData, best_link: str | None) -> None
     guarded(page, "The overview", _overview, page, sd)
     guarded(page, "The note on the winner", _winner_note, page, sd)
     page.section("The answer: what matters for this task")
-    guarded(page, "The answer", answer_section, page, sd.folder)
+    guarded(page, "The answer", answer_section, page, sd.answer, sd.answer_problem)
 
     page.section("Leaderboard")
     guarded(page, "The leaderboard", _leaderboard, page, sd)
@@ -477,9 +482,9 @@ def _leaderboard(page: Page, sd: StudyData) -> None:
 
 def _origin(t: Any) -> str:
     """Where a trial's configuration came from, when not from the sampler."""
-    if t.user_attrs.get("lmtune_default") is True:
+    if t.user_attrs.get(DEFAULT_ATTR) is True:
         return "the default configuration"
-    warm = t.user_attrs.get("lmtune_warm_start")
+    warm = t.user_attrs.get(WARM_ATTR)
     if isinstance(warm, dict):
         value = warm.get("value")
         score = f", {warm.get('metric')} {value:.4f}" if isinstance(value, (int, float)) else ""
@@ -871,7 +876,7 @@ def _confirmed_points(fig: Any, sd: StudyData, pts: list[Any]) -> bool:
 
 def _size_verdict(page: Page, sd: StudyData) -> None:
     """Which size wins for the budget, as the study's answer (answer.json) says it: nothing recomputed here."""
-    answer, _ = read_answer(sd.folder)
+    answer = sd.answer
     sizes = [s for s in (answer or {}).get("sizes", []) if isinstance(s, dict) and isinstance(s.get("model"), str)]
     if len(sizes) < 2:
         return
@@ -1027,10 +1032,9 @@ def study_summary(sd: StudyData, html_path: str | None = None) -> str:
     for r in res:
         lines.append(f"- confirmed: trial #{r.get('trial')} {sd.metric} {r['mean']:.4f} ± {r['std']:.4f} over {len(r['values'])} seeds")
     lines += [f"- {line}" for line in _handed_back_lines(sd)]
-    answer, _ = read_answer(sd.folder)
-    if answer is not None:
+    if sd.answer is not None:
         try:
-            lines += ["", "## The answer", "", "```", *answer_lines(answer), "```", ""]
+            lines += ["", "## The answer", "", "```", *answer_lines(sd.answer), "```", ""]
         except (KeyError, TypeError, ValueError):
             lines.append(f"- problem: {ANSWER_FILE} could not be read as lmtune tune writes it")
     for p in sd.problems:

@@ -37,7 +37,7 @@ from lmtune._io import FolderLock, atomic_write_json, atomic_write_text, ensure_
 from lmtune.config import RunConfig
 from lmtune.data.batching import LengthGroupedSampler
 from lmtune.errors import CheckpointError, ConfigError, DivergenceError, Interrupted
-from lmtune.records import RECORD_FILE
+from lmtune.records import RECORD_FILE, STUDY_FILE
 from lmtune.train import checkpoint as ckpt
 from lmtune.train.metrics import format_metrics
 from lmtune.train.precision import MASTER, MasterWeights, resolve_precision
@@ -210,7 +210,7 @@ def _prepare_output(cfg: RunConfig, say) -> tuple[dict[str, Any] | None, TrainRe
     model_dir = Path(os.path.expanduser(cfg.model.name))
     if model_dir.is_dir() and same_file(model_dir, out):
         raise ConfigError(f"--out {out} is the folder of --model: training would overwrite the weights it starts from")
-    if (out / "study.json").is_file():
+    if (out / STUDY_FILE).is_file():
         raise ConfigError(f"--out {out} holds a study (lmtune tune); a run needs its own folder")
     if record_path.is_file() and not (cfg.overwrite or cfg.resume):
         raise ConfigError(f"--output-dir {out} already holds a finished run; pass --overwrite to replace it")
