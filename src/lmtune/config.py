@@ -19,6 +19,8 @@ from lmtune.errors import ConfigError
 Method = Literal["full", "lora", "head"]
 Precision = Literal["auto", "fp32", "bf16", "bf16-master", "fp16"]
 Schedule = Literal["linear", "cosine", "constant"]
+EvalGenerate = Literal["auto", "every", "final"]
+LOSS_METRICS = ("val_loss", "perplexity")
 Metric = Literal["auto", "accuracy", "macro_f1", "val_loss", "perplexity", "exact_match", "token_f1", "rougeL", "bleu", "chrf"]
 Task = Literal["auto", "classification", "generation"]
 
@@ -240,6 +242,8 @@ class TrainConfig:
     """Generation: longest completion generated at evaluation (default: from the training completions' lengths)."""
     eval_generate_rows: int | None = None
     """Generation: decode a seeded sample of this many validation prompts at each evaluation for the text metrics (default: all; 0: loss and perplexity only)."""
+    eval_generate: EvalGenerate = "auto"
+    """Generation: at which evaluations the validation prompts are decoded for the text metrics (the loss is computed at every one): every, or final (the run's last evaluation only; needs a loss --metric); auto: every in lmtune train, final in the trials of a search whose objective is val_loss or perplexity (why: measured on E2E in docs/generation.md)."""
     early_stopping_patience: int | None = None
     """Stop after this many evaluations without improvement of --metric (default: never)."""
     group_by_length: bool = True
@@ -276,6 +280,9 @@ class TrainConfig:
         _check(self, self.eval_generate_rows is None or self.eval_generate_rows >= 0, "eval_generate_rows", "must be >= 0",
                self.eval_generate_rows)
         _check(self, self.log_every_steps >= 1, "log_every_steps", "must be >= 1", self.log_every_steps)
+        if self.eval_generate == "final" and self.metric not in ("auto", *LOSS_METRICS):
+            raise ConfigError(f"--eval-generate final decodes only at the last evaluation, so --metric {self.metric} could "
+                              "not choose the best checkpoint; use --eval-generate every, or --metric val_loss")
         if self.micro_batch_size is not None and self.micro_batch_size > self.global_batch_size:
             raise ConfigError(
                 f"--micro-batch-size ({self.micro_batch_size}) must not exceed --batch-size ({self.global_batch_size})"
@@ -283,7 +290,7 @@ class TrainConfig:
 
     @property
     def higher_is_better(self) -> bool:
-        return self.metric not in ("val_loss", "perplexity")
+        return self.metric not in LOSS_METRICS
 
 
 @dataclass

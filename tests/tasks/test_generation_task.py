@@ -144,3 +144,34 @@ def test_logits_only_from_the_first_target_position(fixture, request):
     assert loss.item() == pytest.approx(full.item(), rel=1e-5)
     for g, p in zip(grads, [p for p in model.parameters() if p.grad is not None]):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_loss_objective_search_decodes_only_at_each_trials_final_evaluation(tiny_llama, generation_files, tmp_path, capsys):
+    """--eval-generate auto: trials of a val_loss search skip decoding until their last evaluation (the text metrics
+    stay in the leaderboard); lmtune train and a text-metric search decode at every evaluation."""
+    import optuna
+
+    out = tmp_path / "study"
+    args = ["tune", "--model", tiny_llama, "--data", generation_files["train"], "--val-file", generation_files["val"],
+            "--n-trials", "1", "--epochs", "2", "--batch-size", "16", "--max-length", "48", "--lr", "1e-3",
+            "--confirm-seeds", "0", "--no-report", "--no-default-first"]
+    assert main(args + ["--out", str(out)]) == 0
+    assert "decodes the validation prompts at its final evaluation only" in capsys.readouterr().out
+    meta = json.loads((out / "study.json").read_text())
+    history = optuna.load_study(study_name=meta["study_name"], storage=meta["storage"]).trials[0].user_attrs["history"]
+    assert len(history) == 4  # two evaluations per epoch
+    assert [("rougeL" in h) for h in history] == [False, False, False, True]
+    assert all("val_loss" in h for h in history)
+    assert main(args + ["--out", str(tmp_path / "rouge"), "--metric", "rougeL"]) == 0
+    meta = json.loads((tmp_path / "rouge" / "study.json").read_text())
+    history = optuna.load_study(study_name=meta["study_name"], storage=meta["storage"]).trials[0].user_attrs["history"]
+    assert all("rougeL" in h for h in history)
+    r = lmtune.train(gen_config(tiny_llama, generation_files, tmp_path / "t", epochs=2, eval_every_steps=1))
+    assert all("rougeL" in h for h in r.record["history"]) and len(r.record["history"]) >= 2
+
+
+def test_final_only_decoding_with_a_text_metric_is_refused(tiny_llama, generation_files, tmp_path, capsys):
+    code = main(["train", "--model", tiny_llama, "--data", generation_files["train"], "--eval-generate", "final",
+                 "--metric", "bleu", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--eval-generate final" in err and "--metric bleu" in err and "Traceback" not in err

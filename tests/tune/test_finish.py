@@ -137,8 +137,12 @@ def test_the_answer_is_one_computation_shown_everywhere(tune_data, tiny_llama, t
     assert main(args + ["--confirm-top", "2"]) == 0
     terminal = capsys.readouterr().out
     answer = json.loads((out / "answer.json").read_text())
-    confirmed = {r["trial"] for r in json.loads((out / "confirm.json").read_text())["results"]}
+    results = json.loads((out / "confirm.json").read_text())["results"]
+    confirmed = {r["trial"] for r in results}
     assert 0 in confirmed  # the default configuration, on the same seeds as the best trial
+    for r in results:  # every metric of every seed, the objective's values among them (the seed noise of each metric)
+        assert [m["accuracy"] for m in r["metrics"]] == r["values"]
+        assert all({"val_loss", "macro_f1"} <= m.keys() and "step" not in m for m in r["metrics"])
     d = answer["defaults_vs_tuned"]
     assert d["default_trial"] == 0 and d["same_seeds"] is True and d["seeds"] == [0, 1]
     bands = {b["parameter"]: b for b in answer["importances"]}

@@ -331,3 +331,17 @@ def test_a_calibration_warns_of_other_work_not_of_its_own_threads():
     old_entry = [{"extra": {"load_average": 2.5}}]  # cached before threads were recorded: all cores assumed
     assert _busy(old_entry, plan, cache) is None
     assert _busy(beside, SimpleNamespace(machine={"cores": 2}, device="cuda"), cache) is None
+
+
+def test_a_trial_that_decodes_only_at_its_end_pays_for_decoding_once():
+    from lmtune.tune.plan import Row, Shape
+
+    def row(final_only: bool) -> Row:
+        r = Row(Shape("m", "full", 16, 16, 128), "fp32", steps_per_epoch=10, evals_per_epoch=2, step_s=1.0, eval_s=3.0,
+                decode_s=5.0, decode_final_only=final_only, fixed_s=20.0)
+        return r
+
+    # 3 epochs: 30 steps, 6 loss passes; decoding at all 6 evaluations, or at the last one only.
+    assert row(False).trial_seconds(3) == pytest.approx(20 + 30 + 6 * 3 + 6 * 5)
+    assert row(True).trial_seconds(3) == pytest.approx(20 + 30 + 6 * 3 + 5)
+    assert row(False).evaluation_s == 8.0 and row(True).evaluation_s == 3.0  # the s/eval column

@@ -48,8 +48,9 @@ class Task(Protocol):
         """A floor for the divergence check's starting loss (classification: the loss of a uniform guess)."""
 
     def evaluate(self, model: Any, enc: Any, bundle: Any, batch_size: int, accelerator: Any, pad_id: int,
-                 step: int) -> tuple[dict[str, Any], Any]:
-        """Metrics on the validation rows (``val_loss`` among them) and a payload for :meth:`write_predictions`."""
+                 step: int, final: bool = True) -> tuple[dict[str, Any], Any]:
+        """Metrics on the validation rows (``val_loss`` among them) and a payload for :meth:`write_predictions`;
+        ``final``: the run's last evaluation (a task may compute costly metrics only then)."""
 
     def write_predictions(self, path: Path, bundle: Any, enc: Any, payload: Any) -> None:
         """The best evaluation's predictions on validation, one JSON object per row."""

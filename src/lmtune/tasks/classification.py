@@ -66,7 +66,7 @@ class ClassificationTask:
         return math.log(max(2, len(bundle.label_map.labels)))
 
     def evaluate(self, model: Any, enc: Any, bundle: Any, batch_size: int, accelerator: Any, pad_id: int,
-                 step: int) -> tuple[dict[str, Any], Any]:
+                 step: int, final: bool = True) -> tuple[dict[str, Any], Any]:
         from lmtune.train.metrics import classification_metrics
 
         logits = predict_logits(model, enc, batch_size, pad_id, accelerator)

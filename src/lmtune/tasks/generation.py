@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,17 +89,20 @@ class GenerationTask:
     # ---- evaluation ----------------------------------------------------------------------------------
 
     def evaluate(self, model: Any, enc: Any, bundle: Any, batch_size: int, accelerator: Any, pad_id: int,
-                 step: int) -> tuple[dict[str, Any], Any]:
+                 step: int, final: bool = True) -> tuple[dict[str, Any], Any]:
         loss_sum, tokens = _loss_over(model, enc, batch_size, pad_id, accelerator.device)
         val_loss = loss_sum / max(1, tokens)
         metrics: dict[str, Any] = {"val_loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}
         rows = self.cfg.train.eval_generate_rows
-        if rows == 0:
+        if rows == 0 or (self.cfg.train.eval_generate == "final" and not final):
             return metrics, None
+        t0 = time.perf_counter()
         scored = generate_and_score(accelerator.unwrap_model(model), self.tokenizer, bundle.val, enc, stop_ids=self.stop_ids,
                                     max_new_tokens=self.max_new_tokens, batch_size=batch_size, pad_id=pad_id,
                                     sample=rows, seed=self.cfg.data.split_seed)
-        metrics |= scored["metrics"] | {"generated_prompts": len(scored["examples"])}
+        # What decoding cost, next to the whole evaluation's eval_s: the price of a text metric at every evaluation.
+        metrics |= scored["metrics"] | {"generated_prompts": len(scored["examples"]),
+                                        "generate_s": round(time.perf_counter() - t0, 3)}
         return metrics, scored["examples"]
 
     def write_predictions(self, path: Path, bundle: Any, enc: Any, payload: Any) -> None:

@@ -496,7 +496,7 @@ def _evaluate(s: _Session, st: TrainState) -> tuple[dict[str, Any], Any]:
         while True:
             try:
                 return s.task.evaluate(s.model, s.val_enc, s.bundle, s.eval_batch_size, s.accelerator, s.pad_id,
-                                       st.global_step)
+                                       st.global_step, final=st.global_step >= s.total_steps)
             except torch.OutOfMemoryError:
                 if s.eval_batch_size <= 1 or s.world > 1:
                     raise
@@ -516,10 +516,12 @@ _DETAILS = ("per_class", "confusion_matrix", "n")
 def _evaluate_and_keep(s: _Session, st: TrainState, train_loss: float | None, on_evaluate) -> bool:
     """Evaluate, record, keep the best weights, checkpoint; returns True to stop early."""
     tc = s.tc
+    eval_seconds_before = st.eval_seconds
     metrics, payload = _evaluate(s, st)
     entry = {"step": st.global_step, "epoch": round(st.global_step / s.steps_per_epoch, 4), "train_loss": train_loss,
              **{k: v for k, v in metrics.items() if k not in _DETAILS}, "lr": s.scheduler.get_last_lr()[0],
-             "elapsed_s": round(st.train_seconds + st.eval_seconds, 3)}
+             "elapsed_s": round(st.train_seconds + st.eval_seconds, 3),
+             "eval_s": round(st.eval_seconds - eval_seconds_before, 3)}
     if not math.isfinite(metrics["val_loss"]):
         raise DivergenceError(f"validation loss is {metrics['val_loss']} at step {st.global_step}; "
                               f"lower --lr (now {tc.learning_rate:g})")

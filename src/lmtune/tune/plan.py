@@ -440,11 +440,21 @@ class Row:
     step_s: float | None = None
     """Mean seconds per optimizer step over an epoch's batches."""
     eval_s: float | None = None
+    """Seconds per evaluation without decoding (the loss pass)."""
+    decode_s: float = 0.0
+    """Seconds to decode the validation prompts once (generation)."""
+    decode_final_only: bool = False
+    """Decoding happens at a trial's final evaluation only (--eval-generate final), not at every evaluation."""
     fixed_s: float | None = None
     """Model load, set-up and the save at the end: paid once per trial."""
     trials_in_budget: int | None = None
     fit: dict[str, float] = field(default_factory=dict)
     """The calibration's fits: step_a, step_b, eval_a, eval_b (seconds, seconds per padded token)."""
+
+    @property
+    def evaluation_s(self) -> float | None:
+        """What one evaluation during training costs: the loss pass, and decoding unless only the final one decodes."""
+        return None if self.eval_s is None else self.eval_s + (0.0 if self.decode_final_only else self.decode_s)
 
     @property
     def peak(self) -> int | None:
@@ -456,7 +466,9 @@ class Row:
             return None
         steps = self.steps_per_epoch * epochs
         share = min(1.0, max_steps / steps) if max_steps and steps else 1.0
-        return self.fixed_s + share * epochs * (self.steps_per_epoch * self.step_s + self.evals_per_epoch * self.eval_s)
+        evals = share * epochs * self.evals_per_epoch
+        decodes = 1.0 if self.decode_final_only else evals
+        return self.fixed_s + share * epochs * self.steps_per_epoch * self.step_s + evals * self.eval_s + decodes * self.decode_s
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -481,6 +493,7 @@ class Prediction:
         return {"plan_seconds": round(self.seconds, 2),
                 "plan_peak_gib": round(self.peak_bytes / GIB, 3) if self.peak_bytes else None,
                 "plan": {"fixed_s": round(r.fixed_s or 0.0, 3), "step_s": round(r.step_s, 4), "eval_s": round(r.eval_s or 0.0, 3),
+                         "decode_s": round(r.decode_s, 3), "decode_final_only": r.decode_final_only,
                          "steps_per_epoch": r.steps_per_epoch, "evals_per_epoch": r.evals_per_epoch}}
 
 
@@ -548,7 +561,7 @@ class Plan:
             trial = "-" if t_lo is None else (f"{t_lo:.0f}" if lo == hi else f"{t_lo:.0f}..{t_hi:.0f}")
             out.append(f"{_short(s.model, 24):<24} {s.method:<6} {s.global_batch_size:>5} {s.micro_batch_size:>5} "
                        f"{s.max_length:>6} {params:>17} {gib(r.memory.get('peak')):>8} {gib(r.measured_peak):>8} "
-                       f"{_sec(r.step_s):>7} {_sec(r.eval_s):>7} {trial:>17} "
+                       f"{_sec(r.step_s):>7} {_sec(r.evaluation_s):>7} {trial:>17} "
                        f"{'-' if r.trials_in_budget is None else r.trials_in_budget:>6}  "
                        + ("yes" if r.fits else f"NO: {r.reason}"))
         return out
@@ -772,6 +785,9 @@ def make_plan(run: Any, space: Any, tc: Any, *, task: Any, bundle: Any, scratch:
     if task.name == "generation" and any(m.rows and next(iter(m.rows.values())).decode_groups for m in models.values()):
         plan.notes.append("decoding time assumes completions as long as the references; a model that does not stop "
                           "yet decodes up to --max-new-tokens per evaluation (early evaluations can take longer)")
+        if run.train.eval_generate == "final":
+            plan.notes.append("s/eval is the loss pass: each trial decodes the validation prompts once, at its final "
+                              "evaluation (--eval-generate final), and s/trial counts that once")
     shutil.rmtree(scratch, ignore_errors=True)
     plan.calibration_s = time.time() - t0
     fitting = [r for r in plan.rows if r.fits]
@@ -866,8 +882,9 @@ def _apply_calibration(row: Row, entry: dict[str, Any], rows: _Rows, cfg: Any, s
     eval_size = p.eval_batch_size
     val_batches = LengthGroupedSampler(rows.val_lengths, eval_size, shuffle=False, group_by_length=True).batches(0)
     eval_tokens = [padded_tokens(rows.val_lengths, [int(i) for i in bt], eval_size, multiple) for bt in val_batches]
-    row.eval_s = (p.eval_fixed_s + ea * len(eval_tokens) + eb * sum(eval_tokens) + _decode_seconds(rows, p.decode, eval_size)
-                  + p.copy_s)
+    row.eval_s = p.eval_fixed_s + ea * len(eval_tokens) + eb * sum(eval_tokens) + p.copy_s
+    row.decode_s = _decode_seconds(rows, p.decode, eval_size)
+    row.decode_final_only = cfg.train.eval_generate == "final"
     row.fixed_s = p.setup_s
 
 
@@ -915,7 +932,10 @@ def plan(run: Any, search: Any = None, tc: Any = None, *, calibrate: bool = True
 
     search = search or SearchConfig()
     tc = tc or TuneConfig()
+    from lmtune.tune.study import resolve_eval_generate
+
     task, run = resolve_task(run)
+    run = resolve_eval_generate(task.name, run)  # what the trials of lmtune tune decode, and when
     # The calibration runs with the threads a tune worker started now would get, so its timings are a trial's.
     with TuneWorker(tc.threads_per_worker) as worker:
         worker.apply()
@@ -954,7 +974,8 @@ class PlanCheck:
         history = a.get("history") or []
         steps = max((h.get("step", 0) for h in history), default=0)
         diverged = bool(a.get("fail_reason"))
-        predicted_ran = comp["fixed_s"] + steps * comp["step_s"] + len(history) * comp["eval_s"]
+        decoded = sum(1 for h in history if "generate_s" in h) if comp.get("decode_final_only") else len(history)
+        predicted_ran = comp["fixed_s"] + steps * comp["step_s"] + len(history) * comp["eval_s"] + decoded * comp.get("decode_s", 0.0)
         row = {"trial": trial.number, "state": trial.state.name, "params": dict(trial.params),
                "predicted_s": a.get("plan_seconds"), "predicted_ran_s": round(predicted_ran, 2), "actual_s": actual,
                "steps": steps, "evaluations": len(history),

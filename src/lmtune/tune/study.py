@@ -29,6 +29,7 @@ import socket
 import statistics
 import threading
 import time
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from optuna.trial import TrialState
 
 from lmtune._console import log
 from lmtune._io import atomic_write_json, atomic_write_text, ensure_writable_dir
-from lmtune.config import RunConfig, SearchConfig, TuneConfig
+from lmtune.config import LOSS_METRICS, Metric, RunConfig, SearchConfig, TuneConfig
 from lmtune.errors import ConfigError, DivergenceError, Interrupted, LmtuneError, ModelError, StudyError
 from lmtune.records import STUDY_FILE
 from lmtune.tune.answer import ANSWER_FILE, DEFAULT_ATTR, answer_lines, compute_answer
@@ -278,6 +279,20 @@ def _apply(base: RunConfig, params: dict[str, Any], trial_dir: Path, evals_per_e
     return cfg
 
 
+def resolve_eval_generate(task: str, run: RunConfig) -> RunConfig:
+    """``--eval-generate auto`` in a search: a loss objective needs no decoding to choose checkpoints and trials, so
+    each trial decodes the validation prompts at its final evaluation only, which keeps the text metrics in the
+    leaderboard for a fraction of the time (bench/results/metric-choice-e2e.md)."""
+    if task != "generation" or run.train.eval_generate != "auto":
+        return run
+    run = copy.deepcopy(run)
+    run.train.eval_generate = "final" if run.train.metric in LOSS_METRICS else "every"
+    if run.train.eval_generate == "final" and run.train.eval_generate_rows != 0:
+        log.info(f"generation: each trial decodes the validation prompts at its final evaluation only (the objective "
+                 f"is {run.train.metric}); --eval-generate every decodes at every evaluation")
+    return run
+
+
 def _data_signature(run: RunConfig) -> dict[str, Any]:
     """What makes trials comparable: the same rows, split and task (file paths as given, and their sizes)."""
     d = run.data
@@ -333,6 +348,7 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
     budget = tc.budget_seconds
 
     task, run = resolve_task(run)  # a concrete task and metric, so every trial and the study agree
+    run = resolve_eval_generate(task.name, run)
     bundle = task.load_data(run)
     n_train = len(bundle.train)
     declared = search.declared()
@@ -905,6 +921,20 @@ def trials_to_confirm(study, slots: int) -> list:
     return chosen
 
 
+_METRIC_NAMES = frozenset(typing.get_args(Metric)) - {"auto"}
+
+
+def _metrics_only(entry: dict[str, Any]) -> dict[str, float]:
+    """The metric values of one evaluation (no step, timing or learning rate)."""
+    return {k: v for k, v in entry.items() if k in _METRIC_NAMES and isinstance(v, (int, float))}
+
+
+def _trial_best_metrics(t) -> dict[str, float]:
+    """Every metric of the evaluation that gave a finished trial its value."""
+    step = t.user_attrs.get("best_step")
+    return next((_metrics_only(h) for h in t.user_attrs.get("history", []) if h.get("step") == step), {})
+
+
 def confirm(study, space, run: RunConfig, tc: TuneConfig, out: Path, n_train: int, resources, train_fn,
             worker=None) -> dict[str, Any]:
     """Re-run the top trials with extra seeds: is the winner real or noise?
@@ -919,6 +949,7 @@ def confirm(study, space, run: RunConfig, tc: TuneConfig, out: Path, n_train: in
     results = []
     for t in top:
         values = [t.value]
+        every_metric = [_trial_best_metrics(t)]  # the other metrics of the same evaluations: their seed noise too
         for seed in seeds:
             cfg = _apply(run, space.complete(t.params), out / "confirm" / f"trial-{t.number:04d}-seed-{seed}", 1, n_train)
             cfg.train.seed = seed
@@ -928,16 +959,18 @@ def confirm(study, space, run: RunConfig, tc: TuneConfig, out: Path, n_train: in
             try:
                 r = train_fn(cfg, resources=resources, quiet=True)
                 values.append(r.best[metric])
+                every_metric.append(_metrics_only(r.best))
             except DivergenceError as e:
                 log.warning(f"confirmation of trial {t.number} with seed {seed} diverged: {e}")
                 values.append(float("nan"))
+                every_metric.append({})
             finally:
                 shutil.rmtree(cfg.output_dir, ignore_errors=True)
         finite = [v for v in values if math.isfinite(v)]
         mean = statistics.fmean(finite) if finite else float("nan")
         std = statistics.stdev(finite) if len(finite) > 1 else 0.0
         results.append({"trial": t.number, "params": t.params, "seeds": [run.train.seed] + seeds, "values": values,
-                        "mean": mean, "std": std})
+                        "mean": mean, "std": std, "metrics": every_metric})
         log.info(f"trial {t.number}: {metric} {mean:.4f} +- {std:.4f} over {len(finite)} seeds ({_fmt_values(values)})")
     shutil.rmtree(out / "confirm", ignore_errors=True)
     conf = {"metric": metric, "seeds": [run.train.seed] + seeds, "results": results}
