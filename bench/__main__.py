@@ -10,6 +10,9 @@
     python -m bench all --quick
     python -m bench gpu --out bench/results          # CUDA: lmtune vs Trainer (best GPU flags), a tiny study; --tiny on CPU
     python -m bench sft                              # generation: lmtune vs TRL SFTTrainer on E2E, decoding vs model.generate
+    python -m bench metric-choice                    # generation: does val_loss pick the checkpoints and trials ROUGE-L/BLEU pick?
+    python -m bench labels-as-words                  # SST-2 with the labels written as words (generation) vs the classification head
+    python -m bench guide                            # docs/key-parameters.md from the studies in bench/results (--check)
 """
 
 from __future__ import annotations
@@ -60,6 +63,20 @@ def main(argv: list[str] | None = None) -> int:
     f = sub.add_parser("sft", help="generation: lmtune vs TRL SFTTrainer on E2E (speed, memory, val loss, BLEU/ROUGE-L), "
                                    "lmtune's decoding vs a plain model.generate loop")
     sft.add_arguments(f)
+    from bench import metric_choice
+    c = sub.add_parser("metric-choice", help="generation: does validation loss pick the checkpoints and trials that "
+                                             "ROUGE-L and BLEU pick, within seed noise, and what decoding costs",
+                       description=metric_choice.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    metric_choice.add_arguments(c)
+    from bench import labels_as_words
+    w = sub.add_parser("labels-as-words", help="SST-2 as generation (labels as words) vs the classification head: "
+                                               "test accuracy and time on the same rows",
+                       description=labels_as_words.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    labels_as_words.add_arguments(w)
+    from bench import guide
+    gd = sub.add_parser("guide", help="rewrite docs/key-parameters.md from the studies in bench/results (--check: compare)",
+                        description=guide.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gd.add_argument("--check", action="store_true", help="exit 1 when the page is not what the studies say")
     ns = p.parse_args(argv)
 
     if ns.cmd == "gpu":
@@ -67,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     if ns.cmd == "sft":
         sft.run(ns)
         return 0
+    if ns.cmd == "metric-choice":
+        metric_choice.run(ns)
+        return 0
+    if ns.cmd == "labels-as-words":
+        labels_as_words.run(ns)
+        return 0
+    if ns.cmd == "guide":
+        return guide.main(["--check"] if ns.check else [])
     from bench import quality, search, throughput
     if ns.cmd == "throughput":
         throughput.run(ns.data, ns.rows, ns.steps, ns.repeats, max_length=ns.max_length, val_rows=ns.val_rows, threads=ns.threads,
