@@ -168,7 +168,8 @@ def settings(ns: argparse.Namespace) -> dict[str, Any]:
             "steps": steps, "epoch_steps": math.ceil(rows / ns.batch), "max_length": ns.max_length,
             "warmup_ratio": 0.06, "weight_decay": 0.01, "seed": 0, "eval_batch": ns.batch,
             "decode_batch": ns.batch, "repeats": ns.repeats, "threads": ns.threads, "model": MODEL,
-            "reference": bool(ns.reference), "skip_scores": bool(getattr(ns, "skip_scores", False))}
+            "reference": bool(ns.reference), "skip_scores": bool(getattr(ns, "skip_scores", False)),
+            "seed_per_repeat": bool(getattr(ns, "seed_per_repeat", False))}
 
 
 def prepare(s: dict[str, Any], work: Path, data_dir: Path) -> dict[str, Any]:
@@ -265,7 +266,9 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
             for c in order:
                 print(f"[sft] repeat {rep + 1}/{s['repeats']}: {c} ...", flush=True)
                 last_lmtune = c == "lmtune" and rep == s["repeats"] - 1
-                r = run_worker(base | {"contender": c, "keep_model": str(keep) if last_lmtune else None}, work, c)
+                seed = s["seed"] + rep if s["seed_per_repeat"] else s["seed"]
+                r = run_worker(base | {"contender": c, "seed": seed, "keep_model": str(keep) if last_lmtune else None}, work, c)
+                r["seed"] = seed
                 runs[c].append(r)
                 print(f"    {_fmt(r['median_s_per_step'])} s/step, epoch {_fmt(r['epoch_s'], 1)} s, "
                       f"{_fmt(r['target_tokens_per_s'], 0)} target tok/s, peak RSS {_fmt(r['peak_rss_mb'], 0)} MB, "
@@ -298,7 +301,8 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
                          "val_loss_diff": _diff(L["val_loss"], B["val_loss"]),
                          "bleu_diff": _diff(L["test_bleu"], B["test_bleu"]),
                          "rougeL_diff": _diff(L["test_rougeL"], B["test_rougeL"]),
-                         "per_repeat_epoch_speedup": [b["epoch_s"] / a["epoch_s"] for a, b in zip(runs["lmtune"], runs[c])]}
+                         "per_repeat_epoch_speedup": [b["epoch_s"] / a["epoch_s"] for a, b in zip(runs["lmtune"], runs[c])],
+                         "quality_over_seeds": quality_over_seeds(runs["lmtune"], runs[c]) if s["seed_per_repeat"] else None}
     result = {"benchmark": "generation-vs-sft", "settings": s, "data": prep["data"],
               "max_new_tokens": prep["max_new_tokens"], "stop_ids": prep["stop_ids"], "machine": m,
               "libraries": _versions(), "medians": med, "ratios_lmtune_vs": ratios, "runs": runs,
@@ -306,6 +310,25 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
               "load_avg_at_end": os.getloadavg(), "note": ns.note, "revision": _revision()}
     _save(ns.name, result, markdown(result))
     return result
+
+
+QUALITY = (("val_loss", False), ("test_bleu", True), ("test_rougeL", True))
+
+
+def quality_over_seeds(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and standard deviation over training seeds of each quality measure, and whether lmtune is equal or
+    better: its mean is better, or worse by less than the larger of the two seed standard deviations."""
+    out: dict[str, Any] = {}
+    for key, higher_is_better in QUALITY:
+        a = [r[key] for r in ours if isinstance(r.get(key), (int, float))]
+        b = [r[key] for r in theirs if isinstance(r.get(key), (int, float))]
+        if len(a) < 2 or len(b) < 2:
+            continue
+        ma, mb, sa, sb = statistics.fmean(a), statistics.fmean(b), statistics.stdev(a), statistics.stdev(b)
+        worse_by = (mb - ma) if higher_is_better else (ma - mb)
+        out[key] = {"lmtune_mean": ma, "lmtune_std": sa, "other_mean": mb, "other_std": sb, "n": min(len(a), len(b)),
+                    "equal_or_better": worse_by <= max(sa, sb)}
+    return out
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -432,8 +455,18 @@ def markdown(res: dict[str, Any]) -> str:
                       f"peak memory below its): speed **{'met' if goal else 'not met'}** ({_fmt(r['epoch_speedup'])}x), "
                       f"memory **{'met' if r['memory_ratio'] < 1 else 'not met'}** (ratio {_fmt(r['memory_ratio'])}); "
                       f"quality, lmtune minus TRL: BLEU {_signed(r['bleu_diff'])}, ROUGE-L {_signed(r['rougeL_diff'])}, "
-                      f"validation loss {_signed(r['val_loss_diff'], 4)} ({d['test_inputs']} test inputs, one training seed: "
-                      "the spread across seeds was not measured)."]
+                      f"validation loss {_signed(r['val_loss_diff'], 4)} ({d['test_inputs']} test inputs, "
+                      + ("medians over the repeats' seeds)." if r.get("quality_over_seeds") else
+                         "one training seed: the spread across seeds was not measured).")]
+            q = r.get("quality_over_seeds")
+            if q:
+                lines += ["", "Quality over training seeds (repeat k trains with seed k; mean +- std; **equal or better**: "
+                          "lmtune's mean is better, or worse by less than the larger seed std):", "",
+                          "| measure | lmtune | SFTTrainer | equal or better |", "|---|---|---|---|"]
+                for key, v in q.items():
+                    nd = 4 if key == "val_loss" else 2
+                    lines.append(f"| {key} ({v['n']} seeds) | {v['lmtune_mean']:.{nd}f} +- {v['lmtune_std']:.{nd}f} "
+                                 f"| {v['other_mean']:.{nd}f} +- {v['other_std']:.{nd}f} | {'yes' if v['equal_or_better'] else '**no**'} |")
     tc = next((r.get("token_check") for rs in res["runs"].values() for r in rs if r.get("token_check")), None)
     if tc:
         diffs = ", ".join(f"{k}: {v}" for k, v in tc["label_differences_on_identical_rows"].items()) or "none"
@@ -811,6 +844,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="training steps (default one epoch: ceil(rows / batch))")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--seed-per-repeat", action="store_true",
+                   help="repeat k trains every contender with seed k: the quality comparison gets a seed spread "
+                        "(default: seed 0 in every repeat, which repeats the same run)")
     p.add_argument("--threads", type=int, help="torch threads in every contender (default torch's); 1 on a busy machine")
     p.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma-separated, from {', '.join(ALL_CONTENDERS)}")
     p.add_argument("--skip-decode", action="store_true", help="no decoding comparison")

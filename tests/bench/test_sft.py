@@ -68,3 +68,13 @@ def test_sft_trainer_sees_lmtune_token_sequences(tmp_path):
     assert check["target_tokens_trl"] == check["target_tokens_lmtune"] + n
     assert trainer.args.bf16 and trainer.completion_only_loss and not trainer.args.gradient_checkpointing
     assert trainer.args.train_sampling_strategy == "group_by_length"
+
+
+def test_quality_over_seeds_calls_a_gap_within_the_seed_spread_equal():
+    ours = [{"val_loss": 1.30, "test_bleu": 52.0, "test_rougeL": 60.0}, {"val_loss": 1.32, "test_bleu": 54.0, "test_rougeL": 61.0}]
+    theirs = [{"val_loss": 1.29, "test_bleu": 53.0, "test_rougeL": 64.0}, {"val_loss": 1.31, "test_bleu": 53.5, "test_rougeL": 64.2}]
+    q = sft.quality_over_seeds(ours, theirs)
+    assert q["test_bleu"]["lmtune_mean"] == pytest.approx(53.0) and q["test_bleu"]["equal_or_better"]  # 0.25 below, std 1.41
+    assert q["val_loss"]["equal_or_better"]  # 0.01 higher (worse), within the std 0.014
+    assert not q["test_rougeL"]["equal_or_better"]  # 3.6 below, std 0.71
+    assert sft.quality_over_seeds(ours[:1], theirs[:1]) == {}  # one seed: no spread, no verdict
