@@ -1,0 +1,173 @@
+"""docs/key-parameters.md, written from our own studies (issue 11, point 4).
+
+    python -m bench guide                 # rewrite docs/key-parameters.md from bench/results/*/guide.json
+    python -m bench guide --check         # exit 1 when the page differs from what the studies say
+
+Every number on the page is read from a study folder under ``bench/results`` that holds ``guide.json`` (what the
+study is: data set, task, models, rows, the commands that made it, notes), the study's own ``answer.json`` (the
+one computation ``lmtune tune`` ends with: importances with bootstrap bands, where the best trials lie, defaults
+against tuned on the same seeds, per-size results, plain statements) and ``confirm.json``. Nothing on the page is
+typed by hand except the text around the numbers; ``--check`` (run by the tests) fails when a study changed and
+the page was not rewritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS, ROOT
+
+PAGE = ROOT / "docs" / "key-parameters.md"
+# The data sets the guide must cover (issue 11); those without a study are named as missing on the page.
+WANTED = ("SST-2", "TREC", "AG News", "E2E")
+
+
+def load_studies(results: Path = RESULTS) -> list[dict[str, Any]]:
+    studies = []
+    for meta in sorted(results.glob("*/guide.json")):
+        folder = meta.parent
+        s = json.loads(meta.read_text())
+        s["folder"] = folder.name
+        s["answer"] = json.loads((folder / "answer.json").read_text())
+        conf = folder / "confirm.json"
+        s["confirm"] = json.loads(conf.read_text()) if conf.is_file() else None
+        studies.append(s)
+    return sorted(studies, key=lambda s: (WANTED.index(s["data"]) if s["data"] in WANTED else len(WANTED), s["folder"]))
+
+
+def _num(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.3g}" if abs(x) < 1e-2 or abs(x) >= 1e4 else f"{x:.4g}"
+    return str(x)
+
+
+def _span(v: dict[str, Any]) -> str:
+    if v["kind"] == "range":
+        lo, hi = v["searched"]
+        return f"{_num(lo)}..{_num(hi)}" + (" (log)" if v.get("log") else "")
+    return ", ".join(_num(x) for x in v["searched"])
+
+
+def _best(v: dict[str, Any]) -> str:
+    if v["kind"] == "range" and v.get("best_range"):
+        lo, hi = v["best_range"]
+        return f"{_num(lo)}..{_num(hi)}"
+    counts = v.get("best_counts") or {}
+    return ", ".join(f"{k} x{n}" for k, n in counts.items() if n) or "-"
+
+
+def _fmt_value(x: float | None, metric: str) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.4f}" if metric in ("accuracy", "macro_f1", "val_loss", "perplexity") else f"{x:.2f}"
+
+
+def study_section(s: dict[str, Any]) -> list[str]:
+    a = s["answer"]
+    metric = a["metric"]
+    t = a["trials"]
+    lines = [f"### {s['data']}: {s['title']}", "",
+             f"{s['rows']} training rows, {s.get('val_rows', '?')} validation rows; {', '.join(s['models'])}; "
+             f"metric `{metric}` ({a['direction']}); {t.get('complete', 0)} complete and {t.get('pruned', 0)} pruned "
+             f"trials; sampler {s.get('sampler', 'tpe')}. Raw study: [bench/results/{s['folder']}](../bench/results/{s['folder']}/).",
+             "", "```sh"] + s["commands"] + ["```", ""]
+    lines += ["| parameter | importance (10..90 % over bootstrap resamples) | searched | best quarter of trials |",
+              "|---|---|---|---|"]
+    params = a["parameters"]
+    ranked = [b["parameter"] for b in a["importances"]]
+    for b in a["importances"]:
+        v = params.get(b["parameter"])
+        lines.append(f"| {b['parameter']} | {b['importance']:.2f} ({b['low']:.2f}..{b['high']:.2f}) | "
+                     f"{_span(v) if v else '-'} | {_best(v) if v else '-'} |")
+    for name, v in params.items():
+        if name not in ranked:
+            lines.append(f"| {name} | not ranked | {_span(v)} | {_best(v)} |")
+    d = a.get("defaults_vs_tuned") or {}
+    if d.get("default_mean") is not None and d.get("tuned_mean") is not None:
+        lines += ["", f"Defaults against tuned, same seeds {d.get('seeds')}: defaults {_fmt_value(d['default_mean'], metric)} "
+                      f"+- {_fmt_value(d.get('default_std'), metric)}, tuned (trial {d.get('tuned_trial')}) "
+                      f"{_fmt_value(d['tuned_mean'], metric)} +- {_fmt_value(d.get('tuned_std'), metric)}: "
+                      f"gain {d['gain']:+.4g}, seed noise {d['noise']:.4g}, "
+                      + ("**within seed noise**." if d.get("within_noise") else "**beyond seed noise**.")]
+    if len(a.get("sizes") or []) > 1:
+        lines += ["", "| model | complete | best | confirmed mean +- std | s per trial |", "|---|---|---|---|---|"]
+        for z in a["sizes"]:
+            lines.append(f"| {z['model']} | {z['complete']} | {_fmt_value(z.get('best_value'), metric)} | "
+                         f"{_fmt_value(z.get('confirmed_mean'), metric)} +- {_fmt_value(z.get('confirmed_std'), metric)} | "
+                         f"{z.get('seconds_per_trial')} |")
+    lines += ["", "What the study says, as `lmtune tune` printed it:", ""] + [f"- {x}" for x in a["statements"]]
+    lines += [f"- {x}" for x in s.get("notes", [])]
+    return lines + [""]
+
+
+def across(studies: list[dict[str, Any]]) -> list[str]:
+    """One row per parameter: its rank and importance band in every study."""
+    names: list[str] = []
+    for s in studies:
+        names += [b["parameter"] for b in s["answer"]["importances"] if b["parameter"] not in names]
+    head = "| parameter | " + " | ".join(f"{s['data']} ({s['folder']})" for s in studies) + " |"
+    lines = [head, "|---|" + "---|" * len(studies)]
+    for n in names:
+        cells = []
+        for s in studies:
+            imps = s["answer"]["importances"]
+            b = next((x for x in imps if x["parameter"] == n), None)
+            cells.append(f"#{imps.index(b) + 1}: {b['importance']:.2f} ({b['low']:.2f}..{b['high']:.2f})" if b else "not searched")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    gains = []
+    for s in studies:
+        d = s["answer"].get("defaults_vs_tuned") or {}
+        if d.get("gain") is not None and d.get("noise") is not None:
+            gains.append(f"{s['data']}: {d['gain']:+.4g} {s['answer']['metric']} (seed noise {d['noise']:.4g}, "
+                         + ("within" if d.get("within_noise") else "beyond") + " it)")
+    return lines + ["", "What tuning bought over the documented defaults, on the same seeds: " + ("; ".join(gains) or "not measured") + "."]
+
+
+def render(studies: list[dict[str, Any]]) -> str:
+    covered = {s["data"] for s in studies}
+    missing = [d for d in WANTED if d not in covered]
+    lines = ["# Which parameters matter for my task? lmtune's own measurements", "",
+             "<!-- Written by `python -m bench guide` from bench/results/*/guide.json and each study's answer.json; "
+             "edit bench/guide.py, not this page. -->", "",
+             "Our users are told \"fine-tune a GPT model for this task and tune it\" and ask which of model size, learning "
+             "rate, batch size, epochs, warmup and weight decay to spend their search on, and over which values. This page "
+             "answers with `lmtune tune` studies we ran on real data sets on a 2-core CPU: the same computation every study "
+             "ends with (`answer.json`: fANOVA importances with a 10..90 % band over 30 bootstrap resamples of the finished "
+             "trials, where the best quarter of trials lies, the tuned best against the documented defaults on the same seeds), "
+             "shown here per study and side by side. Read the bands before the numbers: a study of 10 to 20 trials ranks "
+             "parameters only roughly, and the studies say so themselves.", ""]
+    lines += ["**Coverage.** " + (f"Studies so far: {', '.join(sorted(covered, key=lambda d: WANTED.index(d) if d in WANTED else 9))}. "
+                                  if studies else "No study yet. ")
+              + (f"Not yet studied: {', '.join(missing)}; until they are, nothing here generalises to them." if missing else ""), ""]
+    if len(studies) > 1:
+        lines += ["## Side by side", "", "Rank and importance (band) of each parameter in each study:", ""] + across(studies) + [""]
+    lines += ["## The studies", ""]
+    for s in studies:
+        lines += study_section(s)
+    lines += ["## Reproducing", "", "Each study's commands are above; its folder holds `answer.json`, `confirm.json`, "
+              "`leaderboard.csv` and the log. `python -m bench guide` rewrites this page from them; the tests check that "
+              "the page and the studies agree.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench guide", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="exit 1 when docs/key-parameters.md is not what the studies say")
+    ns = p.parse_args(argv)
+    text = render(load_studies())
+    if ns.check:
+        same = PAGE.is_file() and PAGE.read_text() == text
+        print("docs/key-parameters.md " + ("matches the studies" if same else "differs from the studies: run python -m bench guide"))
+        return 0 if same else 1
+    PAGE.write_text(text)
+    print(f"wrote {PAGE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""bench/guide.py (`python -m bench guide`): docs/key-parameters.md is what the raw studies say."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import guide
+
+
+def test_the_page_in_the_repository_matches_the_studies_in_bench_results():
+    assert guide.main(["--check"]) == 0, "run: python -m bench guide"
+
+
+def _study(folder: Path, data: str, gain: float, noise: float) -> None:
+    folder.mkdir(parents=True)
+    (folder / "guide.json").write_text(json.dumps({
+        "data": data, "title": "t", "task": "classification", "rows": 100, "val_rows": 50, "models": ["m"],
+        "commands": ["lmtune tune --data x.csv"], "notes": ["a note"]}))
+    (folder / "answer.json").write_text(json.dumps({
+        "metric": "accuracy", "direction": "maximize", "trials": {"complete": 9, "pruned": 3},
+        "importances": [{"parameter": "learning_rate", "importance": 0.71, "low": 0.52, "high": 0.88},
+                        {"parameter": "epochs", "importance": 0.12, "low": 0.01, "high": 0.30}],
+        "parameters": {"learning_rate": {"kind": "range", "log": True, "searched": [1e-5, 1e-3], "best_range": [2e-4, 5e-4]},
+                       "epochs": {"kind": "range", "log": False, "searched": [1, 3], "best_range": [2, 3]},
+                       "weight_decay": {"kind": "choice", "searched": [0.0, 0.1], "best_counts": {"0.0": 1, "0.1": 2}}},
+        "defaults_vs_tuned": {"seeds": [0, 1, 2], "default_mean": 0.80, "default_std": 0.01, "tuned_trial": 4,
+                              "tuned_mean": 0.80 + gain, "tuned_std": 0.01, "gain": gain, "noise": noise,
+                              "within_noise": gain <= noise},
+        "sizes": [], "statements": ["a statement"]}))
+
+
+def test_every_number_on_the_page_comes_from_the_study(tmp_path: Path):
+    _study(tmp_path / "a", "TREC", gain=0.05, noise=0.01)
+    _study(tmp_path / "b", "SST-2", gain=0.005, noise=0.01)
+    studies = guide.load_studies(tmp_path)
+    assert [s["data"] for s in studies] == ["SST-2", "TREC"]  # in the guide's order, not the folders'
+    page = guide.render(studies)
+    assert "| learning_rate | 0.71 (0.52..0.88) | 1e-05..0.001 (log) | 0.0002..0.0005 |" in page
+    assert "| weight_decay | not ranked | 0, 0.1 | 0.0 x1, 0.1 x2 |" in page
+    assert "gain +0.05, seed noise 0.01, **beyond seed noise**" in page
+    assert "gain +0.005, seed noise 0.01, **within seed noise**" in page
+    assert "Not yet studied: AG News, E2E" in page
+    assert "| learning_rate | #1: 0.71 (0.52..0.88) | #1: 0.71 (0.52..0.88) |" in page  # side by side
+    assert "- a statement" in page and "- a note" in page
