@@ -131,3 +131,11 @@ def test_the_size_verdict_weighs_confirmed_means_noise_and_cost():
     verdict = next(s for s in compute_answer(study, confirmation=apart, n_bootstrap=3)["statements"]
                    if s.startswith("large gave"))
     assert "confirmed means" in verdict and "0.9500 vs 0.8700" in verdict
+
+
+def test_what_tuning_changed_is_said_in_the_metrics_own_sense():
+    from lmtune.tune.answer import _gain_words
+
+    assert _gain_words(0.0156, "accuracy", "maximize") == "bought +0.0156 accuracy"
+    assert _gain_words(0.0328, "val_loss", "minimize") == "lowered val_loss by 0.0328"  # was "bought +0.0328 val_loss"
+    assert _gain_words(-0.01, "val_loss", "minimize") == "raised val_loss by 0.0100"
