@@ -66,6 +66,14 @@ def _fmt_value(x: float | None, metric: str) -> str:
     return f"{x:.4f}" if metric in ("accuracy", "macro_f1", "val_loss", "perplexity") else f"{x:.2f}"
 
 
+def _gain(gain: float, answer: dict[str, Any]) -> str:
+    """The gain in the metric's own sense (> 0 is better in either direction)."""
+    metric = answer["metric"]
+    if answer.get("direction") == "minimize":
+        return f"{metric} {'lowered' if gain >= 0 else 'raised'} by {abs(gain):.4g}"
+    return f"{gain:+.4g} {metric}"
+
+
 def study_section(s: dict[str, Any]) -> list[str]:
     a = s["answer"]
     metric = a["metric"]
@@ -91,7 +99,7 @@ def study_section(s: dict[str, Any]) -> list[str]:
         lines += ["", f"Defaults against tuned, same seeds {d.get('seeds')}: defaults {_fmt_value(d['default_mean'], metric)} "
                       f"+- {_fmt_value(d.get('default_std'), metric)}, tuned (trial {d.get('tuned_trial')}) "
                       f"{_fmt_value(d['tuned_mean'], metric)} +- {_fmt_value(d.get('tuned_std'), metric)}: "
-                      f"gain {d['gain']:+.4g}, seed noise {d['noise']:.4g}, "
+                      f"{_gain(d['gain'], a)}, seed noise {d['noise']:.4g}, "
                       + ("**within seed noise**." if d.get("within_noise") else "**beyond seed noise**.")]
     if len(a.get("sizes") or []) > 1:
         lines += ["", "| model | complete | best | confirmed mean +- std | s per trial |", "|---|---|---|---|---|"]
@@ -122,7 +130,7 @@ def across(studies: list[dict[str, Any]]) -> list[str]:
     for s in studies:
         d = s["answer"].get("defaults_vs_tuned") or {}
         if d.get("gain") is not None and d.get("noise") is not None:
-            gains.append(f"{s['data']}: {d['gain']:+.4g} {s['answer']['metric']} (seed noise {d['noise']:.4g}, "
+            gains.append(f"{s['data']}: {_gain(d['gain'], s['answer'])} (seed noise {d['noise']:.4g}, "
                          + ("within" if d.get("within_noise") else "beyond") + " it)")
     return lines + ["", "What tuning bought over the documented defaults, on the same seeds: " + ("; ".join(gains) or "not measured") + "."]
 
