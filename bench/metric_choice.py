@@ -224,13 +224,98 @@ def markdown(res: dict[str, Any]) -> str:
         for p in nz["configurations"]:
             lines.append(f"- {m}, trial {p['trial']}: " + ", ".join(f"{v:.4f}" if m == "val_loss" else f"{v:.2f}"
                                                                      for v in p["values"]) + f" (std {p['std']:.4f})")
+    lines += ["", "The same configurations over seeds (the loss's pick, the defaults, and each text metric's pick; "
+              "each seed scored at its lowest-loss evaluation, one evaluation per epoch):", "",
+              "| trial | picked by | seeds | val loss | ROUGE-L | BLEU |", "|---|---|---|---|---|---|"]
+    pickers: dict[int, list[str]] = {}
+    for m in TEXT_METRICS:
+        ch = a["metrics"][m]["trials"]
+        for trial, who in ((ch["trial_by_loss"], "val_loss"), (ch["trial_by_metric"], m)):
+            if who not in pickers.setdefault(trial, []):
+                pickers[trial].append(who)
+    for r in res.get("over_seeds", []):
+        cell = {m: (f"{r[m]['mean']:.4f} +- {r[m]['std']:.4f}" if m == "val_loss" else f"{r[m]['mean']:.2f} +- {r[m]['std']:.2f}")
+                if m in r else "-" for m in ("val_loss", *TEXT_METRICS)}
+        who = ", ".join(pickers.get(r["trial"], [])) or ("defaults" if r["trial"] == 0 else "-")
+        lines.append(f"| {r['trial']} | {who} | {r['seeds']} | {cell['val_loss']} | {cell['rougeL']} | {cell['bleu']} |")
     lines += ["", "### Result", ""] + [f"- {a['metrics'][m]['verdict']}" for m in TEXT_METRICS]
+    lines += [f"- {x}" for x in seed_verdicts(res.get("over_seeds", []), a)]
     lines.append(f"- cost: decoding took {c['decode_s']:.0f} s of the trials' {c['trial_s']:.0f} s "
                  f"({100 * (c['decode_share'] or 0):.0f} %; all evaluation {100 * (c['eval_share'] or 0):.0f} %): "
                  f"without it the same budget runs {fmt(c['speedup_without_decoding'])}x the trials.")
     if res.get("tiny"):
         lines += ["", "**--tiny**: a tiny random model on tiny data, to check the code paths; the numbers mean nothing."]
     return "\n".join(lines)
+
+
+def confirm_picks(ns: argparse.Namespace, trials: list[dict[str, Any]], confirmation: dict[str, Any] | None,
+                  model: str, data: dict[str, Any], work: Path) -> dict[str, Any]:
+    """The trial each text metric would hand back, when the study's confirmation did not already re-run it: the
+    same configuration on the confirmation's extra seeds, scored the way the confirmation scores (one evaluation
+    per epoch, the lowest-loss checkpoint, every metric of it). Then the loss's pick and each metric's pick are
+    compared over the same seeds, which a single-seed ranking cannot do."""
+    from lmtune.tune.space import flag
+
+    done = {r["trial"] for r in (confirmation or {}).get("results", [])}
+    seeds = (confirmation or {}).get("seeds", [0])[1:]
+    picks = {trial_choice(trials, m)["trial_by_metric"] for m in TEXT_METRICS} - done
+    out: dict[str, Any] = {}
+    for number in sorted(picks):
+        t = next(x for x in trials if x["number"] == number)
+        every = [_metrics_of(t["history"][_best_index(t["history"], "val_loss")])]
+        for seed in seeds:
+            folder = work / f"pick-{number}-seed-{seed}"
+            cmd = [sys.executable, "-m", "lmtune", "train", "--model", model, "--data", data["train_file"],
+                   "--prompt-column", data["prompt_column"], "--completion-column", data["completion_column"],
+                   "--max-train-rows", str(ns.rows), "--max-val-rows", str(ns.val_rows), "--max-length", str(data["max_length"]),
+                   "--metric", "val_loss", "--eval-generate", "every", "--seed", str(seed), "--no-save-checkpoints",
+                   "--no-report", "--no-progress", "--overwrite", "--out", str(folder)]
+            for name, value in t["params"].items():
+                cmd += [flag(name), str(value)]
+            print("[metric-choice] confirming the pick: " + " ".join(cmd[2:]), flush=True)
+            subprocess.run(cmd, cwd=ROOT, check=True)
+            every.append(_metrics_of(json.loads((folder / "lmtune_run.json").read_text())["best"]))
+        out[str(number)] = {"trial": number, "params": t["params"], "seeds": [0, *seeds], "metrics": every}
+    return out
+
+
+def _metrics_of(entry: dict[str, Any]) -> dict[str, float]:
+    return {k: entry[k] for k in ("val_loss", *TEXT_METRICS) if isinstance(entry.get(k), (int, float))}
+
+
+def over_seeds(confirmation: dict[str, Any] | None, picks: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every configuration run on several seeds (the study's confirmation and the picks): mean and std per metric."""
+    rows = [{"trial": r["trial"], "metrics": r.get("metrics", [])} for r in (confirmation or {}).get("results", [])]
+    rows += [{"trial": p["trial"], "metrics": p["metrics"]} for p in picks.values()]
+    out = []
+    for r in rows:
+        row: dict[str, Any] = {"trial": r["trial"], "seeds": len(r["metrics"])}
+        for m in ("val_loss", *TEXT_METRICS):
+            xs = [x[m] for x in r["metrics"] if m in x]
+            if len(xs) > 1:
+                row[m] = {"mean": statistics.fmean(xs), "std": statistics.stdev(xs), "values": xs}
+        out.append(row)
+    return out
+
+
+def seed_verdicts(over: list[dict[str, Any]], a: dict[str, Any]) -> list[str]:
+    """Over the same seeds: is the trial the loss picked worse in ROUGE-L (BLEU) than the trial ROUGE-L (BLEU) picked,
+    by more than the larger of their seed standard deviations?"""
+    by_trial = {r["trial"]: r for r in over}
+    lines = []
+    for m in TEXT_METRICS:
+        ch = a["metrics"][m]["trials"]
+        mine, theirs = by_trial.get(ch["trial_by_loss"], {}).get(m), by_trial.get(ch["trial_by_metric"], {}).get(m)
+        if ch["trial_by_loss"] == ch["trial_by_metric"]:
+            lines.append(f"{m} over seeds: the loss and {m} picked the same trial ({ch['trial_by_loss']}).")
+        elif mine and theirs:
+            gap, band = theirs["mean"] - mine["mean"], max(mine["std"], theirs["std"])
+            lines.append(f"{m} over {len(mine['values'])} seeds: the loss's pick (trial {ch['trial_by_loss']}) "
+                         f"{mine['mean']:.2f} +- {mine['std']:.2f}, {m}'s pick (trial {ch['trial_by_metric']}) "
+                         f"{theirs['mean']:.2f} +- {theirs['std']:.2f}: {m}'s pick is {gap:+.2f} points, "
+                         + ("**within seed noise**" if abs(gap) <= band else "**beyond seed noise**")
+                         + f" (larger std {band:.2f}).")
+    return lines
 
 
 def run(ns: argparse.Namespace) -> dict[str, Any]:
@@ -257,9 +342,16 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         if rc != 0:
             raise SystemExit(f"metric-choice: lmtune tune exited with {rc}")
     trials, confirmation = load_trials(study)
+    picks_file = study / "metric_picks.json"  # kept beside the study, so --study analyses again without training
+    if picks_file.is_file():
+        picks = json.loads(picks_file.read_text())
+    else:
+        picks = confirm_picks(ns, trials, confirmation, model, data, work)
+        picks_file.write_text(json.dumps(picks, indent=2))
     res = {"benchmark": "metric-choice", "data": "tiny pairs" if ns.tiny else "E2E (e2e_nlg/train.csv)",
            "model": "tiny random Llama" if ns.tiny else model, "tiny": ns.tiny, "command": cmd, "machine": machine(),
-           "trials": trials, "confirmation": confirmation, "analysis": analyse(trials, confirmation),
+           "trials": trials, "confirmation": confirmation, "picks": picks, "over_seeds": over_seeds(confirmation, picks),
+           "analysis": analyse(trials, confirmation),
            "wall_s": round(time.time() - t0, 1)}
     name = ns.name or (str(work / "metric-choice-tiny") if ns.tiny else "metric-choice-e2e")
     save(name, res, markdown(res))

@@ -88,3 +88,18 @@ def test_a_tiny_run_reports_every_trial_and_the_verdicts(tmp_path: Path):
     for m in ("rougeL", "bleu"):
         assert res["analysis"]["metrics"][m]["verdict"] in md
     assert "--metric val_loss" in md and "decoding took" in md
+
+
+def test_the_picks_are_compared_over_the_same_seeds():
+    conf = {"seeds": [0, 1, 2], "results": [{"trial": 1, "metrics": [{"val_loss": 1.1, "rougeL": 58.0, "bleu": 48.0},
+                                                                     {"val_loss": 1.12, "rougeL": 56.0, "bleu": 47.0},
+                                                                     {"val_loss": 1.11, "rougeL": 57.0, "bleu": 47.5}]}]}
+    picks = {"2": {"trial": 2, "metrics": [{"val_loss": 1.15, "rougeL": 60.0, "bleu": 49.0},
+                                           {"val_loss": 1.16, "rougeL": 55.0, "bleu": 49.5},
+                                           {"val_loss": 1.17, "rougeL": 56.0, "bleu": 48.5}]}}
+    over = mc.over_seeds(conf, picks)
+    assert [r["trial"] for r in over] == [1, 2] and over[1]["rougeL"]["mean"] == 57.0
+    lines = mc.seed_verdicts(over, mc.analyse(TRIALS, conf))
+    assert "rougeL over 3 seeds: the loss's pick (trial 1) 57.00 +- 1.00, rougeL's pick (trial 2) 57.00 +- 2.65" in lines[0]
+    assert "**within seed noise**" in lines[0]
+    assert "bleu's pick (trial 2) 49.00 +- 0.50" in lines[1] and "+1.50 points, **beyond seed noise**" in lines[1]
