@@ -61,7 +61,7 @@ def tune_command(ns: argparse.Namespace, study: Path, model: str, data: dict[str
            "--max-train-rows", str(ns.rows), "--max-val-rows", str(ns.val_rows), "--max-length", str(data["max_length"]),
            "--epochs", ns.epochs, "--sampler", "random", "--sampler-seed", str(ns.sampler_seed), "--pruner", "none",
            "--n-trials", str(ns.trials), "--confirm-seeds", str(ns.confirm_seeds), "--confirm-top", "2",
-           "--refit", "never", "--metric", "val_loss", "--out", str(study)]
+           "--refit", "never", "--metric", "val_loss", "--eval-generate", "every", "--out", str(study)]
     if ns.tiny:
         cmd += ["--batch-size", "8", "--lr", "1e-3..1e-2:log", "--no-plan"]
     return cmd
