@@ -159,3 +159,15 @@ def fmt(x: Any, nd: int = 2) -> str:
     if isinstance(x, float):
         return f"{x:.{nd}f}"
     return str(x)
+
+
+def standalone(prog: str, doc: str | None, add_arguments: Any, run: Any, argv: list[str] | None) -> int:
+    """``python -m bench.X``: the same arguments as ``python -m bench X``, parsed and run (``run``'s result is not
+    an exit code)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    run(p.parse_args(argv))
+    return 0
+

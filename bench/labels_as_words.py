@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, data_dir, fmt, machine, machine_line, save
+from bench.common import ROOT, data_dir, fmt, machine, machine_line, save, standalone
 
 PROMPT = "Is the sentiment of this movie review positive or negative?\n\n{sentence}"
 WORDS = {"0": "negative", "1": "positive"}
@@ -178,11 +178,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench labels-as-words", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    run(p.parse_args(argv))
-    return 0
+    return standalone("python -m bench labels-as-words", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, data_dir, fmt, machine, machine_line, save
+from bench.common import ROOT, data_dir, fmt, machine, machine_line, save, standalone
 
 TEXT_METRICS = ("rougeL", "bleu")
 
@@ -359,11 +359,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench metric-choice", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    run(p.parse_args(argv))
-    return 0
+    return standalone("python -m bench metric-choice", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

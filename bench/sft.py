@@ -884,11 +884,9 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(argv[1])
         path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())).rstrip() + "\n")
         return 0
-    p = argparse.ArgumentParser(prog="python -m bench sft", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    run(p.parse_args(argv))
-    return 0
+    from bench.common import standalone
+
+    return standalone("python -m bench sft", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":
