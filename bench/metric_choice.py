@@ -44,7 +44,7 @@ TEXT_METRICS = ("rougeL", "bleu")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", type=int, default=400, help="training pairs of each trial (default 400)")
-    p.add_argument("--val-rows", type=int, default=300, help="validation pairs, whole inputs (default 300: ~37 inputs)")
+    p.add_argument("--val-rows", type=int, default=300, help="validation pairs, whole inputs (default 300: 35 inputs of E2E)")
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--epochs", default="1..3")
     p.add_argument("--confirm-seeds", type=int, default=2)
