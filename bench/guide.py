@@ -67,11 +67,10 @@ def _fmt_value(x: float | None, metric: str) -> str:
 
 
 def _gain(gain: float, answer: dict[str, Any]) -> str:
-    """The gain in the metric's own sense (> 0 is better in either direction)."""
-    metric = answer["metric"]
-    if answer.get("direction") == "minimize":
-        return f"{metric} {'lowered' if gain >= 0 else 'raised'} by {abs(gain):.4g}"
-    return f"{gain:+.4g} {metric}"
+    """The gain in the metric's own sense, worded as lmtune tune words it."""
+    from lmtune.tune.answer import gain_words
+
+    return gain_words(gain, answer["metric"], answer.get("direction"))
 
 
 def study_section(s: dict[str, Any]) -> list[str]:
@@ -132,7 +131,7 @@ def across(studies: list[dict[str, Any]]) -> list[str]:
         if d.get("gain") is not None and d.get("noise") is not None:
             gains.append(f"{s['data']}: {_gain(d['gain'], s['answer'])} (seed noise {d['noise']:.4g}, "
                          + ("within" if d.get("within_noise") else "beyond") + " it)")
-    return lines + ["", "What tuning bought over the documented defaults, on the same seeds: " + ("; ".join(gains) or "not measured") + "."]
+    return lines + ["", "Tuning against the documented defaults, on the same seeds: " + ("; ".join(gains) or "not measured") + "."]
 
 
 def render(studies: list[dict[str, Any]]) -> str:

@@ -38,8 +38,8 @@ def test_every_number_on_the_page_comes_from_the_study(tmp_path: Path):
     page = guide.render(studies)
     assert "| learning_rate | 0.71 (0.52..0.88) | 1e-05..0.001 (log) | 0.0002..0.0005 |" in page
     assert "| weight_decay | not ranked | 0, 0.1 | 0.0 x1, 0.1 x2 |" in page
-    assert "+0.05 accuracy, seed noise 0.01, **beyond seed noise**" in page
-    assert "+0.005 accuracy, seed noise 0.01, **within seed noise**" in page
+    assert "bought +0.0500 accuracy, seed noise 0.01, **beyond seed noise**" in page
+    assert "bought +0.0050 accuracy, seed noise 0.01, **within seed noise**" in page
     assert "Not yet studied: AG News, E2E" in page
     assert "| learning_rate | #1: 0.71 (0.52..0.88) | #1: 0.71 (0.52..0.88) |" in page  # side by side
     assert "- a statement" in page and "- a note" in page

@@ -134,8 +134,8 @@ def test_the_size_verdict_weighs_confirmed_means_noise_and_cost():
 
 
 def test_what_tuning_changed_is_said_in_the_metrics_own_sense():
-    from lmtune.tune.answer import _gain_words
+    from lmtune.tune.answer import gain_words
 
-    assert _gain_words(0.0156, "accuracy", "maximize") == "bought +0.0156 accuracy"
-    assert _gain_words(0.0328, "val_loss", "minimize") == "lowered val_loss by 0.0328"  # was "bought +0.0328 val_loss"
-    assert _gain_words(-0.01, "val_loss", "minimize") == "raised val_loss by 0.0100"
+    assert gain_words(0.0156, "accuracy", "maximize") == "bought +0.0156 accuracy"
+    assert gain_words(0.0328, "val_loss", "minimize") == "lowered val_loss by 0.0328"  # was "bought +0.0328 val_loss"
+    assert gain_words(-0.01, "val_loss", "minimize") == "raised val_loss by 0.0100"

@@ -89,7 +89,7 @@ def _importances(direction, trials: list[optuna.trial.FrozenTrial], names: list[
     return {k: float(v) for k, v in optuna.importance.get_param_importances(study, evaluator=evaluator, params=params).items()}
 
 
-def _gain_words(gain: float, metric: str, direction: str | None) -> str:
+def gain_words(gain: float, metric: str, direction: str | None) -> str:
     """What tuning changed, in the metric's own sense (``gain`` > 0 is better in either direction)."""
     if direction == "minimize":
         return f"lowered {metric} by {gain:.4f}" if gain >= 0 else f"raised {metric} by {-gain:.4f}"
@@ -281,11 +281,11 @@ def statements(answer: dict[str, Any]) -> list[str]:
     d = answer.get("defaults_vs_tuned")
     if d and d.get("within_noise") is not None and "default_mean" in d:
         verdict = "within seed noise" if d["within_noise"] else "beyond seed noise"
-        out.append(f"Tuning {_gain_words(d['gain'], metric, answer.get('direction'))} over the defaults on the same seeds "
+        out.append(f"Tuning {gain_words(d['gain'], metric, answer.get('direction'))} over the defaults on the same seeds "
                    f"({d['tuned_mean']:.4f} +- {d['tuned_std']:.4f} vs {d['default_mean']:.4f} +- {d['default_std']:.4f}): "
                    f"{verdict}.")
     elif d and d.get("gain") is not None:
-        out.append(f"Tuning {_gain_words(d['gain'], metric, answer.get('direction'))} over the defaults, one seed each: seed noise not measured "
+        out.append(f"Tuning {gain_words(d['gain'], metric, answer.get('direction'))} over the defaults, one seed each: seed noise not measured "
                    "on the defaults, so this gain is not yet a conclusion.")
     sizes = [s for s in answer["sizes"] if s["best_value"] is not None]
     if len(sizes) > 1:
