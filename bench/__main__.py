@@ -12,7 +12,7 @@
     python -m bench sft                              # generation: lmtune vs TRL SFTTrainer on E2E, decoding vs model.generate
     python -m bench metric-choice                    # generation: does val_loss pick the checkpoints and trials ROUGE-L/BLEU pick?
     python -m bench labels-as-words                  # SST-2 with the labels written as words (generation) vs the classification head
-    python -m bench guide                            # docs/key-parameters.md from the studies in bench/results (--check)
+    python -m bench guide                            # docs/key-parameters.md from the studies in bench/results (--check, --recompute)
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import guide
     gd = sub.add_parser("guide", help="rewrite docs/key-parameters.md from the studies in bench/results (--check: compare)",
                         description=guide.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    gd.add_argument("--check", action="store_true", help="exit 1 when the page is not what the studies say")
+    guide.add_arguments(gd)
     ns = p.parse_args(argv)
 
     if ns.cmd == "gpu":
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         labels_as_words.run(ns)
         return 0
     if ns.cmd == "guide":
-        return guide.main(["--check"] if ns.check else [])
+        return guide.run(ns)
     from bench import quality, search, throughput
     if ns.cmd == "throughput":
         throughput.run(ns.data, ns.rows, ns.steps, ns.repeats, max_length=ns.max_length, val_rows=ns.val_rows, threads=ns.threads,

@@ -2,6 +2,7 @@
 
     python -m bench guide                 # rewrite docs/key-parameters.md from bench/results/*/guide.json
     python -m bench guide --check         # exit 1 when the page differs from what the studies say
+    python -m bench guide --recompute     # first recompute each study's importances from its leaderboard.csv
 
 Every number on the page is read from a study folder under ``bench/results`` that holds ``guide.json`` (what the
 study is: data set, task, models, rows, the commands that made it, notes), the study's own ``answer.json`` (the
@@ -106,7 +107,7 @@ def study_section(s: dict[str, Any]) -> list[str]:
             lines.append(f"| {z['model']} | {z['complete']} | {_fmt_value(z.get('best_value'), metric)} | "
                          f"{_fmt_value(z.get('confirmed_mean'), metric)} +- {_fmt_value(z.get('confirmed_std'), metric)} | "
                          f"{z.get('seconds_per_trial')} |")
-    lines += ["", "What the study says, as `lmtune tune` printed it:", ""] + [f"- {x}" for x in a["statements"]]
+    lines += ["", "What the study says (its `answer.json` statements, as `lmtune tune --show` prints them):", ""] + [f"- {x}" for x in a["statements"]]
     lines += [f"- {x}" for x in s.get("notes", [])]
     return lines + [""]
 
@@ -143,8 +144,9 @@ def render(studies: list[dict[str, Any]]) -> str:
              "Our users are told \"fine-tune a GPT model for this task and tune it\" and ask which of model size, learning "
              "rate, batch size, epochs, warmup and weight decay to spend their search on, and over which values. This page "
              "answers with `lmtune tune` studies we ran on real data sets on a 2-core CPU: the same computation every study "
-             "ends with (`answer.json`: fANOVA importances with a 10..90 % band over 30 bootstrap resamples of the finished "
-             "trials, where the best quarter of trials lies, the tuned best against the documented defaults on the same seeds), "
+             "ends with (`answer.json`: fANOVA importances over 30 bootstrap resamples of the finished trials, the median "
+             "with its 10..90 % band, "
+             "where the best quarter of trials lies, the tuned best against the documented defaults on the same seeds), "
              "shown here per study and side by side. Read the bands before the numbers: a study of 10 to 20 trials ranks "
              "parameters only roughly, and the studies say so themselves.", ""]
     lines += ["**Coverage.** " + (f"Studies so far: {', '.join(sorted(covered, key=lambda d: WANTED.index(d) if d in WANTED else 9))}. "
@@ -161,11 +163,68 @@ def render(studies: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench guide", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def study_trials(folder: Path, answer: dict[str, Any]) -> list[Any]:
+    """The finished trials of a study, rebuilt from its ``leaderboard.csv`` (values and parameters) and the
+    searched ranges and choices its ``answer.json`` recorded; in trial order, as ``lmtune tune`` holds them."""
+    import csv
+    import math
+
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.trial import TrialState, create_trial
+
+    with (folder / "leaderboard.csv").open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["state"] == "COMPLETE" and r[answer["metric"]] not in ("", None)]
+    params = answer["parameters"]
+
+    def parse(raw: str, like: list[Any]) -> Any:
+        for x in like:  # a choice comes back as the type it was searched as
+            if str(x) == raw:
+                return x
+        return int(raw) if all(isinstance(x, int) for x in like) else float(raw)
+
+    trials = []
+    for r in sorted(rows, key=lambda r: int(r["trial"])):
+        values, dists = {}, {}
+        for name, v in params.items():
+            if r.get(name) in ("", None):
+                continue
+            values[name] = parse(r[name], v["searched"])
+            if v["kind"] == "choice":
+                dists[name] = CategoricalDistribution(tuple(v["searched"]))
+            elif all(isinstance(x, int) for x in v["searched"]):
+                dists[name] = IntDistribution(*v["searched"])
+            else:
+                dists[name] = FloatDistribution(*v["searched"], log=bool(v.get("log")))
+        value = float(r[answer["metric"]])
+        if math.isfinite(value):
+            trials.append(create_trial(params=values, distributions=dists, value=value, state=TrialState.COMPLETE))
+    return trials
+
+
+def recompute(results: Path = RESULTS) -> None:
+    """Importances and statements of every study, by lmtune's current estimator, from its raw trials."""
+    from lmtune.tune.answer import importance_bands, statements
+
+    for meta in sorted(results.glob("*/guide.json")):
+        path = meta.parent / "answer.json"
+        answer = json.loads(path.read_text())
+        trials = study_trials(meta.parent, answer)
+        answer["importances"] = importance_bands(answer["direction"], trials, list(answer["parameters"]))
+        answer["statements"] = statements(answer)
+        path.write_text(json.dumps(answer, indent=2) + "\n")
+        print(f"recomputed {path} from {len(trials)} finished trials")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true", help="exit 1 when docs/key-parameters.md is not what the studies say")
-    ns = p.parse_args(argv)
+    p.add_argument("--recompute", action="store_true",
+                   help="first recompute each study's importances and statements from its leaderboard.csv with "
+                        "lmtune's current estimator (answer.json is rewritten)")
+
+
+def run(ns: argparse.Namespace) -> int:
+    if ns.recompute:
+        recompute()
     text = render(load_studies())
     if ns.check:
         same = PAGE.is_file() and PAGE.read_text() == text
@@ -174,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     PAGE.write_text(text)
     print(f"wrote {PAGE}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench guide", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -43,3 +43,19 @@ def test_every_number_on_the_page_comes_from_the_study(tmp_path: Path):
     assert "Not yet studied: AG News, E2E" in page
     assert "| learning_rate | #1: 0.71 (0.52..0.88) | #1: 0.71 (0.52..0.88) |" in page  # side by side
     assert "- a statement" in page and "- a note" in page
+
+
+def test_the_trials_rebuilt_from_a_stored_study_are_the_trials_its_answer_was_computed_from():
+    # `--recompute` reads leaderboard.csv: each parameter's (value, metric) pairs must be the answer's own points.
+    from bench.common import RESULTS
+
+    metas = sorted(RESULTS.glob("*/guide.json"))
+    assert metas
+    for meta in metas:
+        answer = json.loads((meta.parent / "answer.json").read_text())
+        trials = guide.study_trials(meta.parent, answer)
+        assert len(trials) == answer["trials"]["complete"], meta.parent.name
+        for name, view in answer["parameters"].items():
+            rebuilt = sorted((t.params[name], round(t.value, 9)) for t in trials if name in t.params)
+            stored = sorted((p[0], round(p[1], 9)) for p in view["points"])
+            assert rebuilt == stored, (meta.parent.name, name)
