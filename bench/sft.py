@@ -14,7 +14,8 @@ goes first from one repeat to the next:
 * ``lmtune``: ``lmtune.train`` at its defaults (precision auto, length-grouped batches, completion-only loss),
   loss-only evaluation at the end (``eval_generate_rows=0``);
 * ``sft-best``: ``trl.SFTTrainer`` with a conversational prompt/completion dataset (TRL applies the model's chat
-  template), ``bf16=True``, ``completion_only_loss=True``, ``train_sampling_strategy="group_by_length"``,
+  template), ``bf16=True`` where the CPU computes bf16 natively (AVX512-BF16 or AMX; elsewhere bf16 is emulated
+  and slower than fp32, so fp32: the same rule as lmtune's ``--precision auto``), ``completion_only_loss=True``, ``train_sampling_strategy="group_by_length"``,
   ``gradient_checkpointing=False`` (SFTConfig turns it on by default; off is faster on CPU), ``max_length``;
 * ``sft-padding-free`` (ablation): as ``sft-best`` with ``padding_free=True`` instead of length grouping (TRL
   requires ``max_length=None`` then; transformers builds block-diagonal masks from ``position_ids`` for SDPA);
@@ -60,8 +61,9 @@ MODEL = "smollm2-135m-instruct"
 CONTENDERS = ("lmtune", "sft-best")
 ALL_CONTENDERS = ("lmtune", "sft-best", "sft-padding-free", "sft-default")
 SFT_FLAGS = {
-    "sft-best": "bf16, completion-only loss, group_by_length, no gradient checkpointing",
-    "sft-padding-free": "bf16, completion-only loss, padding_free (max_length=None), no gradient checkpointing",
+    "sft-best": "bf16 (native bf16 CPUs; fp32 elsewhere), completion-only loss, group_by_length, no gradient checkpointing",
+    "sft-padding-free": "bf16 (native bf16 CPUs; fp32 elsewhere), completion-only loss, padding_free (max_length=None), "
+                        "no gradient checkpointing",
     "sft-default": "SFTConfig defaults: bf16, completion-only loss, gradient checkpointing, random batches",
 }
 REFERENCE = {"rows": 1000, "test_inputs": 100}
@@ -115,6 +117,8 @@ def sft_config(spec: dict[str, Any], variant: str, output_dir: str) -> Any:
     """SFTConfig of a TRL contender: the common hyperparameters plus the variant's flags."""
     from trl import SFTConfig
 
+    from lmtune.train.precision import native_bf16_cpu
+
     steps = spec["steps"]
     kw: dict[str, Any] = dict(
         output_dir=output_dir, per_device_train_batch_size=spec["batch"], per_device_eval_batch_size=spec["eval_batch"],
@@ -122,10 +126,11 @@ def sft_config(spec: dict[str, Any], variant: str, output_dir: str) -> Any:
         weight_decay=spec["weight_decay"], lr_scheduler_type="linear", max_grad_norm=1.0, seed=spec["seed"],
         report_to="none", save_strategy="no", logging_strategy="no", eval_strategy="no", disable_tqdm=True,
         use_cpu=True, dataloader_num_workers=0, max_length=spec["max_length"], completion_only_loss=True, bf16=True)
+    best_precision = dict(bf16=native_bf16_cpu())  # TRL's fastest precision on this CPU, as lmtune's auto picks its own
     if variant == "sft-best":
-        kw |= dict(train_sampling_strategy="group_by_length", gradient_checkpointing=False)
+        kw |= dict(train_sampling_strategy="group_by_length", gradient_checkpointing=False, **best_precision)
     elif variant == "sft-padding-free":
-        kw |= dict(padding_free=True, max_length=None, gradient_checkpointing=False)
+        kw |= dict(padding_free=True, max_length=None, gradient_checkpointing=False, **best_precision)
     elif variant != "sft-default":
         raise ValueError(f"unknown TRL contender {variant}")
     return SFTConfig(**kw)
@@ -418,7 +423,8 @@ def markdown(res: dict[str, Any]) -> str:
               f"sampler, seed 42), {d['val_rows']} held-out validation pairs ({d['val_inputs']} inputs, never trained on), "
               f"{d['test_inputs']} test inputs ({d['test_rows']} references) from `e2e_nlg/test.csv` (seeded sample). "
               f"{d['train_rows_over_max_length']} training rows exceed {s['max_length']} tokens. Model `{s['model']}` "
-              f"(SmolLM2-135M-Instruct), ChatML template for every contender. lmtune precision: {lm.get('precision', '?')}.",
+              f"(SmolLM2-135M-Instruct), ChatML template for every contender. Precision: "
+              + ", ".join(f"{c} {(rs or [{}])[0].get('precision', '?')}" for c, rs in res["runs"].items()) + ".",
               "",
               "Time per epoch = median s/step (warm-up step excluded) x steps per epoch + the contender's own "
               "validation-loss pass. Peak RSS = `ru_maxrss` of the contender's fresh process after that pass. "

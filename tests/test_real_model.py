@@ -54,8 +54,11 @@ def test_fine_tune_smollm2_on_sst2(tmp_path):
     assert model.config.id2label == {0: "0", 1: "1"}
     clf = pipeline("text-classification", model=str(out))
     assert clf("a gripping, beautifully acted film")[0]["label"] in {"0", "1"}
-    r = lmtune.evaluate(str(out), str(data / "sst2" / "test.tsv"))
-    assert r["n"] == 1821 and r["accuracy"] > 0.6
+    # 600 of the 1,821 test rows: the whole file took 5 of this test's 10 minutes on a 2-core AVX2 machine.
+    test = tmp_path / "test.tsv"
+    test.write_text("".join((data / "sst2" / "test.tsv").read_text().splitlines(keepends=True)[:601]))
+    r = lmtune.evaluate(str(out), str(test))
+    assert r["n"] == 600 and r["accuracy"] > 0.6
     assert (out / "report.html").is_file()
 
 

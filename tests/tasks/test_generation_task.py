@@ -22,8 +22,12 @@ def gen_config(model, files, out, **train):
 @pytest.fixture(scope="module")
 def trained(tiny_llama, generation_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("gen") / "run"
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    lmtune.train(gen_config(tiny_llama, generation_files, out, epochs=2))
+    try:
+        lmtune.train(gen_config(tiny_llama, generation_files, out, epochs=2))
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
