@@ -120,7 +120,7 @@ def test_gemma_3_270m_offline_both_tasks(tmp_path):
 
     clf = tmp_path / "sst2"
     assert main(["train", "--model", "gemma-3-270m", "--data", str(data / "sst2" / "train.tsv"),
-                 "--val-file", str(data / "sst2" / "validation.tsv"), "--max-train-rows", "160", "--max-val-rows", "64",
+                 "--val-file", str(data / "sst2" / "validation.tsv"), "--max-train-rows", "80", "--max-val-rows", "48",
                  "--lr", "2e-5", "--batch-size", "16", "--epochs", "1", "--eval-every-steps", "5", "--max-length", "48",
                  "--no-progress", "--no-report", "--out", str(clf)]) == 0
     record = json.loads((clf / "lmtune_run.json").read_text())
@@ -130,8 +130,8 @@ def test_gemma_3_270m_offline_both_tasks(tmp_path):
     gen = tmp_path / "e2e"
     e2e = data / "e2e_nlg"
     assert main(["train", "--model", "gemma-3-270m", "--data", str(e2e / "train.csv"), "--prompt-column", "mr",
-                 "--completion-column", "ref", "--max-train-rows", "96", "--max-val-rows", "16", "--lr", "1e-4",
-                 "--batch-size", "16", "--epochs", "1", "--eval-every-steps", "3", "--max-length", "96",
+                 "--completion-column", "ref", "--max-train-rows", "64", "--max-val-rows", "16", "--lr", "1e-4",
+                 "--batch-size", "16", "--epochs", "1", "--eval-every-steps", "2", "--max-length", "96",
                  "--max-new-tokens", "24", "--no-progress", "--no-report", "--out", str(gen)]) == 0
     record = json.loads((gen / "lmtune_run.json").read_text())
     assert record["generation"]["chat_template"] == "none"  # the base GGUF carries no chat template
