@@ -186,7 +186,11 @@ def run_trainer(spec: dict[str, Any], best: bool) -> dict[str, Any]:
         warmup_steps=int(round(spec["warmup_ratio"] * spec["steps"])), seed=spec["seed"], report_to="none",
         save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True)
     if best:
-        kw |= dict(bf16=True, train_sampling_strategy="group_by_length",
+        from lmtune.train.precision import native_bf16_cpu
+
+        # bf16 only where the CPU computes it natively: elsewhere it is emulated and slower than fp32 (the rule of
+        # lmtune's --precision auto), and a bf16 Trainer would be a straw man.
+        kw |= dict(bf16=native_bf16_cpu(), train_sampling_strategy="group_by_length",
                    per_device_eval_batch_size=spec.get("eval_batch", 32), dataloader_num_workers=0)
     args = TrainingArguments(**kw)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=collator,
