@@ -4,7 +4,7 @@ and against lmtune's own random search, same space, same data, same wall-clock b
     python -m bench search --data sst2 --budget 30m --seeds 0,1            # SST-2 (classification, accuracy)
     python -m bench search --data e2e_nlg --budget 30m --seeds 0,1         # E2E (generation, validation loss)
     python -m bench search --data sst2 --warm-start OTHER_STUDY           # adds lmtune-warm (lmtune tune --warm-start)
-    python -m bench search --tiny --budget 5s                              # the code paths on a tiny random model (< 1 min)
+    python -m bench search --tiny --budget 10s                             # the code paths on a tiny random model (~1 min)
 
 Contenders (each runs once per sampler seed, each run in its own fresh process, one after another, the order of
 the contenders reversed from one seed to the next; ``--tiny`` and ``--same-process`` run them in this process):
@@ -96,7 +96,9 @@ DATASETS = {
     "e2e_nlg": {"task": "generation", "metric": "val_loss", "rows": 400, "val_rows": 200, "max_length": 128,
                 "tiny": {"rows": 64, "val_rows": 24, "max_length": 48}},
 }
-TINY_BUDGET_S = 5.0
+TINY_BUDGET_S = 10.0
+# lmtune's first evaluation came at 4.6 s of a tiny run on a 2-core AVX2 machine (study set-up, cold caches):
+# with 5 s, a loaded machine left a contender with no evaluation at all.
 METRIC_TEXT = {"accuracy": "validation accuracy (higher is better)",
                "val_loss": "validation loss per completion token (lower is better)"}
 
@@ -964,7 +966,7 @@ def _progress_line(r: dict[str, Any], s: dict[str, Any]) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="sst2", choices=sorted(DATASETS), help="sst2 (classification) or e2e_nlg (generation)")
-    p.add_argument("--budget", type=parse_seconds, help="wall clock per search (contender x seed), e.g. 30m (default 30m; --tiny 5s)")
+    p.add_argument("--budget", type=parse_seconds, help="wall clock per search (contender x seed), e.g. 30m (default 30m; --tiny 10s)")
     p.add_argument("--seeds", default="0,1", help="sampler seeds, comma-separated; every contender runs once per seed (default 0,1)")
     p.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma-separated, from {', '.join(ALL_CONTENDERS)}")
     p.add_argument("--confirm-seeds", type=int, default=2,

@@ -33,7 +33,7 @@ def _tiny_run(folder: Path, data: str, seeds: str, contenders: tuple[str, ...]) 
     base = folder / f"search-{data}-tiny"
     try:
         rc = bench_main(["search", "--tiny", "--data", data, "--seeds", seeds, "--contenders", ",".join(contenders),
-                         "--budget", "5s", "--confirm-seeds", "1", "--name", str(base)])
+                         "--budget", "10s", "--confirm-seeds", "1", "--name", str(base)])
     finally:
         torch.set_num_threads(threads)
     return rc, base, json.loads(Path(str(base) + ".json").read_text())
@@ -59,7 +59,7 @@ def test_every_contender_runs_once_per_sampler_seed(classification):
     assert rc == 0
     assert not [r for r in res["runs"] if r.get("error")]
     assert sorted((r["who"], r["seed"]) for r in res["runs"]) == sorted((c, s) for c in CLS_CONTENDERS for s in (0, 1))
-    assert res["settings"]["seeds"] == [0, 1] and res["settings"]["budget_s"] == 5.0
+    assert res["settings"]["seeds"] == [0, 1] and res["settings"]["budget_s"] == 10.0
 
 
 def test_best_so_far_curves_are_monotone_and_end_at_the_final_best(tiny):
