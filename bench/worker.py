@@ -203,7 +203,7 @@ def run_trainer(spec: dict[str, Any], best: bool) -> dict[str, Any]:
     eval_s = time.time() - t1
     out = _step_stats(step_times, step_tokens, step_padded, [], opt_times)
     n_train = len(train_ds)
-    out |= {"precision": "bf16" if best else "fp32", "attn": model.config._attn_implementation, "val_accuracy": ev["eval_accuracy"], "eval_seconds": eval_s,
+    out |= {"precision": "bf16" if args.bf16 else "fp32", "attn": model.config._attn_implementation, "val_accuracy": ev["eval_accuracy"], "eval_seconds": eval_s,
             "train_seconds_all_steps": t_train, "steps_per_epoch": math.ceil(n_train / spec["batch"]),
             "train_rows": n_train, "val_rows": len(val_ds), "peak_rss_mb": _rss_mb(), "run_wall_s": time.time() - t0,
             "optim": str(args.optim)}
