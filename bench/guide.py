@@ -107,7 +107,8 @@ def study_section(s: dict[str, Any]) -> list[str]:
             lines.append(f"| {z['model']} | {z['complete']} | {_fmt_value(z.get('best_value'), metric)} | "
                          f"{_fmt_value(z.get('confirmed_mean'), metric)} +- {_fmt_value(z.get('confirmed_std'), metric)} | "
                          f"{z.get('seconds_per_trial')} |")
-    lines += ["", "What the study says (its `answer.json` statements, as `lmtune tune --show` prints them):", ""] + [f"- {x}" for x in a["statements"]]
+    lines += ["", "What the study says (its `answer.json` statements, as `lmtune tune --show` prints them):", ""]
+    lines += [f"- {x}" for x in a["statements"]]
     lines += [f"- {x}" for x in s.get("notes", [])]
     return lines + [""]
 
@@ -132,7 +133,8 @@ def across(studies: list[dict[str, Any]]) -> list[str]:
         if d.get("gain") is not None and d.get("noise") is not None:
             gains.append(f"{s['data']}: {_gain(d['gain'], s['answer'])} (seed noise {d['noise']:.4g}, "
                          + ("within" if d.get("within_noise") else "beyond") + " it)")
-    return lines + ["", "Tuning against the documented defaults, on the same seeds: " + ("; ".join(gains) or "not measured") + "."]
+    return lines + ["", "Tuning against the documented defaults, on the same seeds: "
+                    + ("; ".join(gains) or "not measured") + "."]
 
 
 def render(studies: list[dict[str, Any]]) -> str:
@@ -144,9 +146,9 @@ def render(studies: list[dict[str, Any]]) -> str:
              "Our users are told \"fine-tune a GPT model for this task and tune it\" and ask which of model size, learning "
              "rate, batch size, epochs, warmup and weight decay to spend their search on, and over which values. This page "
              "answers with `lmtune tune` studies we ran on real data sets on a 2-core CPU: the same computation every study "
-             "ends with (`answer.json`: fANOVA importances over 30 bootstrap resamples of the finished trials, the median "
-             "with its 10..90 % band, "
-             "where the best quarter of trials lies, the tuned best against the documented defaults on the same seeds), "
+             "ends with (`answer.json`: fANOVA importances over 30 bootstrap resamples of the finished trials, the "
+             "median with its 10..90 % band, where the best quarter of trials lies, the tuned best against the "
+             "documented defaults on the same seeds), "
              "shown here per study and side by side. Read the bands before the numbers: a study of 10 to 20 trials ranks "
              "parameters only roughly, and the studies say so themselves.", ""]
     lines += ["**Coverage.** " + (f"Studies so far: {', '.join(sorted(covered, key=lambda d: WANTED.index(d) if d in WANTED else 9))}. "
@@ -182,22 +184,21 @@ def study_trials(folder: Path, answer: dict[str, Any]) -> list[Any]:
                 return x
         return int(raw) if all(isinstance(x, int) for x in like) else float(raw)
 
+    def distribution(v: dict[str, Any]) -> Any:
+        if v["kind"] == "choice":
+            return CategoricalDistribution(tuple(v["searched"]))
+        if all(isinstance(x, int) for x in v["searched"]):
+            return IntDistribution(*v["searched"])
+        return FloatDistribution(*v["searched"], log=bool(v.get("log")))
+
+    dists = {name: distribution(v) for name, v in params.items()}
     trials = []
     for r in sorted(rows, key=lambda r: int(r["trial"])):
-        values, dists = {}, {}
-        for name, v in params.items():
-            if r.get(name) in ("", None):
-                continue
-            values[name] = parse(r[name], v["searched"])
-            if v["kind"] == "choice":
-                dists[name] = CategoricalDistribution(tuple(v["searched"]))
-            elif all(isinstance(x, int) for x in v["searched"]):
-                dists[name] = IntDistribution(*v["searched"])
-            else:
-                dists[name] = FloatDistribution(*v["searched"], log=bool(v.get("log")))
+        values = {name: parse(r[name], v["searched"]) for name, v in params.items() if r.get(name) not in ("", None)}
         value = float(r[answer["metric"]])
         if math.isfinite(value):
-            trials.append(create_trial(params=values, distributions=dists, value=value, state=TrialState.COMPLETE))
+            trials.append(create_trial(params=values, distributions={n: dists[n] for n in values}, value=value,
+                                       state=TrialState.COMPLETE))
     return trials
 
 

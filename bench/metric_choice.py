@@ -63,7 +63,8 @@ def _data_args(ns: argparse.Namespace, model: str, data: dict[str, Any]) -> list
 
 def tune_command(ns: argparse.Namespace, study: Path, model: str, data: dict[str, Any]) -> list[str]:
     """The one lmtune tune that every number below comes from (kept in the results)."""
-    cmd = [sys.executable, "-m", "lmtune", "tune", *_data_args(ns, model, data), "--epochs", ns.epochs, "--sampler", "random", "--sampler-seed", str(ns.sampler_seed), "--pruner", "none",
+    cmd = [sys.executable, "-m", "lmtune", "tune", *_data_args(ns, model, data),
+           "--epochs", ns.epochs, "--sampler", "random", "--sampler-seed", str(ns.sampler_seed), "--pruner", "none",
            "--n-trials", str(ns.trials), "--confirm-seeds", str(ns.confirm_seeds), "--confirm-top", "2",
            "--refit", "never", "--metric", "val_loss", "--eval-generate", "every", "--out", str(study)]
     if ns.tiny:
@@ -269,7 +270,8 @@ def confirm_picks(ns: argparse.Namespace, trials: list[dict[str, Any]], confirma
         every = [_metrics_of(t["history"][_best_index(t["history"], "val_loss")])]
         for seed in seeds:
             folder = work / f"pick-{number}-seed-{seed}"
-            cmd = [sys.executable, "-m", "lmtune", "train", *_data_args(ns, model, data), "--metric", "val_loss", "--eval-generate", "every", "--seed", str(seed), "--no-save-checkpoints",
+            cmd = [sys.executable, "-m", "lmtune", "train", *_data_args(ns, model, data), "--metric", "val_loss",
+                   "--eval-generate", "every", "--seed", str(seed), "--no-save-checkpoints",
                    "--no-report", "--no-progress", "--overwrite", "--out", str(folder)]
             for name, value in t["params"].items():
                 cmd += [flag(name), str(value)]

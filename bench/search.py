@@ -17,7 +17,8 @@ the contenders reversed from one seed to the next; ``--tiny`` and ``--same-proce
 * ``lmtune-random``: the same with ``sampler="random"``.
 * ``lmtune-warm`` (with ``--warm-start STUDY``): the same as lmtune-tpe with ``TuneConfig.warm_start``.
 * ``trainer-optuna`` (the baseline): ``transformers.Trainer`` with ``model_init`` and its best CPU flags (bf16 where
-  the CPU has native bf16, fp32 elsewhere, ``train_sampling_strategy="group_by_length"``, evaluation batch 32), ``hyperparameter_search(backend="optuna",
+  the CPU has native bf16, fp32 elsewhere, ``train_sampling_strategy="group_by_length"``, evaluation batch 32),
+  ``hyperparameter_search(backend="optuna",
   sampler=TPESampler(seed=SEED), pruner=MedianPruner(), timeout=B)``, evaluation every half epoch.
   Generation: the same Trainer on the same token sequences (lmtune's encoding: chat template, labels -100 on the
   prompt tokens, i.e. a completion-only loss), ``DataCollatorForSeq2Seq``; the objective is the validation loss
@@ -118,6 +119,8 @@ def settings(budget_s: float | None, data: str = "sst2", rows: int | None = None
              confirm_seeds: int = 0, threads: int | None = None, warm_start: str | None = None, warm_start_top: int = 3,
              tiny: bool = False) -> dict[str, Any]:
     """Everything a run depends on, defaults resolved, checked before anything is trained."""
+    from lmtune.train.precision import native_bf16_cpu
+
     if data not in DATASETS:
         raise SystemExit(f"--data {data}: choose one of {', '.join(DATASETS)}")
     d = DATASETS[data]
@@ -138,7 +141,8 @@ def settings(budget_s: float | None, data: str = "sst2", rows: int | None = None
             "budget_s": float(budget_s if budget_s is not None else (TINY_BUDGET_S if tiny else 1800.0)),
             "seeds": [int(x) for x in seeds], "contenders": list(contenders), "confirm_seeds": int(confirm_seeds),
             "threads": threads, "warm_start": str(Path(warm_start).resolve()) if warm_start else None,
-            "warm_start_top": warm_start_top, "tiny": tiny, "trainer_bf16": _native_bf16(), "space": {k: list(v) for k, v in SPACES[d["task"]].items()},
+            "warm_start_top": warm_start_top, "tiny": tiny, "trainer_bf16": native_bf16_cpu(),
+            "space": {k: list(v) for k, v in SPACES[d["task"]].items()},
             "evals_per_epoch": EVALS_PER_EPOCH, "eval_batch": EVAL_BATCH, "search_train_seed": SEARCH_TRAIN_SEED,
             "model": "tiny random Llama (2 layers, width 32)" if tiny else MODEL}
 
@@ -417,12 +421,6 @@ def trainer_hyperparameters(space: dict[str, list], trial, n_train: int) -> dict
             "eval_steps": eval_every_steps(n_train, batch)}
 
 
-def _native_bf16() -> bool:
-    from lmtune.train.precision import native_bf16_cpu
-
-    return native_bf16_cpu()
-
-
 def build_trainer(spec: dict[str, Any], rows: dict[str, Any], output_dir: str, on_value, seed: int = SEARCH_TRAIN_SEED,
                   callbacks: list | None = None, **hyper: Any):
     """A Trainer with ``model_init`` and the best CPU flags; ``on_value(v)`` sees each evaluation's objective."""
@@ -448,8 +446,10 @@ def build_trainer(spec: dict[str, Any], rows: dict[str, Any], output_dir: str, o
         on_value(value)
         return {spec["metric"]: value}
 
+    from lmtune.train.precision import native_bf16_cpu
+
     # bf16 only where the CPU computes it natively; elsewhere it is emulated and slower than fp32.
-    args = TrainingArguments(output_dir=output_dir, bf16=_native_bf16(), train_sampling_strategy="group_by_length",
+    args = TrainingArguments(output_dir=output_dir, bf16=native_bf16_cpu(), train_sampling_strategy="group_by_length",
                              per_device_eval_batch_size=EVAL_BATCH, eval_strategy="steps",
                              eval_steps=hyper.pop("eval_steps", 10), warmup_steps=hyper.pop("warmup_steps", 0.0),
                              save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True,

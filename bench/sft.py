@@ -15,7 +15,8 @@ goes first from one repeat to the next:
   loss-only evaluation at the end (``eval_generate_rows=0``);
 * ``sft-best``: ``trl.SFTTrainer`` with a conversational prompt/completion dataset (TRL applies the model's chat
   template), ``bf16=True`` where the CPU computes bf16 natively (AVX512-BF16 or AMX; elsewhere bf16 is emulated
-  and slower than fp32, so fp32: the same rule as lmtune's ``--precision auto``), ``completion_only_loss=True``, ``train_sampling_strategy="group_by_length"``,
+  and slower than fp32, so fp32: the same rule as lmtune's ``--precision auto``), ``completion_only_loss=True``,
+  ``train_sampling_strategy="group_by_length"``,
   ``gradient_checkpointing=False`` (SFTConfig turns it on by default; off is faster on CPU), ``max_length``;
 * ``sft-padding-free`` (ablation): as ``sft-best`` with ``padding_free=True`` instead of length grouping (TRL
   requires ``max_length=None`` then; transformers builds block-diagonal masks from ``position_ids`` for SDPA);

@@ -132,21 +132,21 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
-_SESSION_THREADS: int | None = None
+@pytest.fixture(scope="session")
+def _session_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 @pytest.fixture(autouse=True)
-def _torch_threads_restored():
+def _torch_threads_restored(_session_threads):
     """Every test starts with the session's torch thread count. A test or fixture that sets one thread for a tiny
     model and does not set it back left the real-model tests that ran after it on one of the two cores (CI
     trained SmolLM2 single-threaded, twice as long)."""
     import torch
 
-    global _SESSION_THREADS
-    if _SESSION_THREADS is None:
-        _SESSION_THREADS = torch.get_num_threads()
-    torch.set_num_threads(_SESSION_THREADS)
-    yield
+    torch.set_num_threads(_session_threads)
 
 
 @pytest.fixture(autouse=True)
