@@ -21,7 +21,10 @@ goes first from one repeat to the next:
 * ``sft-padding-free`` (ablation): as ``sft-best`` with ``padding_free=True`` instead of length grouping (TRL
   requires ``max_length=None`` then; transformers builds block-diagonal masks from ``position_ids`` for SDPA);
 * ``sft-default`` (ablation): SFTConfig's defaults (bf16, gradient checkpointing, completion-only loss for a
-  prompt/completion dataset, random batches) with the same hyperparameters.
+  prompt/completion dataset, random batches) with the same hyperparameters;
+* ``lmtune-autocast`` (ablation): ``lmtune`` with ``precision="bf16"`` (autocast over fp32 weights: the residual
+  stream and norms stay fp32, as in TRL's bf16) instead of auto's ``bf16-master`` (a bf16 model with fp32 master
+  weights): whether a quality difference to TRL comes from the precision. It is compared like a TRL contender.
 
 Per process: s/step (median over steps 2..S, step 1 is the warm-up; a step is the time between two optimizer-step
 ends, data loading included), tokens/s (target tokens and all non-pad tokens, counted from what the model was fed),
@@ -60,8 +63,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
 CONTENDERS = ("lmtune", "sft-best")
-ALL_CONTENDERS = ("lmtune", "sft-best", "sft-padding-free", "sft-default")
+ALL_CONTENDERS = ("lmtune", "sft-best", "sft-padding-free", "sft-default", "lmtune-autocast")
 SFT_FLAGS = {
+    "lmtune-autocast": "lmtune.train defaults but --precision bf16 (autocast over fp32 weights, as TRL trains)",
     "sft-best": "bf16 (native bf16 CPUs; fp32 elsewhere), completion-only loss, group_by_length, no gradient checkpointing",
     "sft-padding-free": "bf16 (native bf16 CPUs; fp32 elsewhere), completion-only loss, padding_free (max_length=None), "
                         "no gradient checkpointing",
@@ -623,7 +627,8 @@ def _train_lmtune(spec: dict[str, Any]) -> tuple[dict[str, Any], str]:
                                  warmup_ratio=spec["warmup_ratio"], weight_decay=spec["weight_decay"],
                                  max_length=spec["max_length"], seed=spec["seed"], eval_batch_size=spec["eval_batch"],
                                  eval_generate_rows=0, max_new_tokens=spec["max_new_tokens"], log_every_steps=1,
-                                 progress=False, save_checkpoints=False),
+                                 progress=False, save_checkpoints=False,
+                                 precision="bf16" if spec["contender"] == "lmtune-autocast" else "auto"),
         output_dir=out_dir, overwrite=True, report=False)
     t0 = time.time()
     res = lmtune.train(cfg, on_evaluate=on_eval, quiet=True)
@@ -825,7 +830,7 @@ def worker_main(spec: dict[str, Any]) -> int:
         out = _decode(spec, plain=c == "decode-plain")
     else:
         torch.manual_seed(spec["seed"])
-        out, model_dir = _train_lmtune(spec) if c == "lmtune" else _train_sft(spec, c)
+        out, model_dir = _train_lmtune(spec) if c.startswith("lmtune") else _train_sft(spec, c)
         out["epoch_s"] = out["train_epoch_s"] + out["val_pass_s"]
         out["epoch_cpu_s"] = out["train_epoch_cpu_s"] + out["val_pass_cpu_s"]
         if not spec.get("skip_scores"):
