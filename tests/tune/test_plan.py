@@ -345,3 +345,12 @@ def test_a_trial_that_decodes_only_at_its_end_pays_for_decoding_once():
     assert row(False).trial_seconds(3) == pytest.approx(20 + 30 + 6 * 3 + 6 * 5)
     assert row(True).trial_seconds(3) == pytest.approx(20 + 30 + 6 * 3 + 5)
     assert row(False).evaluation_s == 8.0 and row(True).evaluation_s == 3.0  # the s/eval column
+
+
+def test_a_generation_plan_on_a_cpu_says_how_far_the_heap_can_grow():
+    from lmtune.tune.plan import heap_note
+
+    note = heap_note("generation", "cpu")
+    assert note is not None and "MALLOC_MMAP_THRESHOLD_" in note and "40%" in note
+    assert heap_note("classification", "cpu") is None  # measured within 11% there (bench/results/plan-check-cpu)
+    assert heap_note("generation", "cuda") is None  # the caching allocator: measured within 3%

@@ -782,6 +782,9 @@ def make_plan(run: Any, space: Any, tc: Any, *, task: Any, bundle: Any, scratch:
     busy = _busy(used, plan, cache)
     if busy:
         plan.notes.append(busy)
+    heap = heap_note(task.name, plan.device)
+    if heap:
+        plan.notes.append(heap)
     if task.name == "generation" and any(m.rows and next(iter(m.rows.values())).decode_groups for m in models.values()):
         plan.notes.append("decoding time assumes completions as long as the references; a model that does not stop "
                           "yet decodes up to --max-new-tokens per evaluation (early evaluations can take longer)")
@@ -818,6 +821,24 @@ def _busy(entries: list[dict[str, Any]], plan: Plan, cache: _Cache) -> str | Non
                 f"{cores} cores); its times hold only while that much other work runs (delete the plan cache to "
                 f"calibrate again when the machine is quiet: {cache.path})")
     return None
+
+
+def heap_note(task: str, device: str) -> str | None:
+    """What the peak column does not hold for generation on a CPU (measured, not modelled).
+
+    The calibration measures a few steps of two batch shapes. A generation trial runs batches of many widths, each
+    with a large logits tensor; glibc then raises its mmap threshold (up to 32 MiB) and serves the activations from
+    its heap, whose holes grow with every new shape. In a study of SmolLM2-135M on E2E (10 trials of 1..3 epochs)
+    the resident peak was a median 30% above the prediction (13-42%); in a 2-trial check at one epoch, 5% at batch
+    16 and 34% at batch 8 (bench/results/plan-memory-cpu-e2e/). With the threshold fixed the same trials peaked
+    10-14% below the prediction, but ran 40-60% longer (page faults), so lmtune does not fix it for the user.
+    """
+    if task != "generation" or device != "cpu":
+        return None
+    return ("peak GiB on a CPU is measured over a few steps: batches of many lengths fragment the C heap over a "
+            "whole generation trial, and its resident peak was measured up to ~40% higher (median 30% in a "
+            "SmolLM2-135M E2E study); keep that much room below --memory-limit, or set "
+            "MALLOC_MMAP_THRESHOLD_=131072 in the environment (peaks within the prediction, trials 40-60% slower)")
 
 
 def _warm_imports(task: Any) -> None:
