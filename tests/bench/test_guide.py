@@ -59,3 +59,22 @@ def test_the_trials_rebuilt_from_a_stored_study_are_the_trials_its_answer_was_co
             rebuilt = sorted((t.params[name], round(t.value, 9)) for t in trials if name in t.params)
             stored = sorted((p[0], round(p[1], 9)) for p in view["points"])
             assert rebuilt == stored, (meta.parent.name, name)
+
+
+def test_a_study_whose_defaults_were_not_confirmed_says_so_instead_of_dropping_out(tmp_path: Path):
+    _study(tmp_path / "a", "TREC", gain=0.05, noise=0.01)
+    _study(tmp_path / "b", "SST-2", gain=0.005, noise=0.01)  # the side-by-side summary needs two studies
+    answer = json.loads((tmp_path / "a" / "answer.json").read_text())
+    # What a tight budget leaves: the best trial confirmed, the defaults on their search seed only.
+    answer["defaults_vs_tuned"] = {"default_trial": 0, "default_value": 0.86, "tuned_trial": 5, "tuned_value": 0.92,
+                                   "gain": 0.06, "seeds": None, "within_noise": None}
+    answer["sizes"] = [{"model": "big", "complete": 4, "best_value": 0.93, "confirmed_mean": 0.9244,
+                        "confirmed_std": 0.0096, "seconds_per_trial": 171.14499999999998},
+                       {"model": "small", "complete": 3, "best_value": 0.89, "confirmed_mean": None,
+                        "confirmed_std": None, "seconds_per_trial": 66.86}]
+    (tmp_path / "a" / "answer.json").write_text(json.dumps(answer))
+    page = guide.render(guide.load_studies(tmp_path))
+    assert ("TREC: bought +0.0600 accuracy against the defaults on one seed (they were not confirmed: seed noise "
+            "not measured, so not a conclusion)") in page
+    assert "| big | 4 | 0.9300 | 0.9244 +- 0.0096 | 171 |" in page
+    assert "| small | 3 | 0.8900 | not confirmed | 67 |" in page
