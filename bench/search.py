@@ -5,6 +5,8 @@ and against lmtune's own random search, same space, same data, same wall-clock b
     python -m bench search --data e2e_nlg --budget 30m --seeds 0,1         # E2E (generation, validation loss)
     python -m bench search --data sst2 --warm-start OTHER_STUDY           # adds lmtune-warm (lmtune tune --warm-start)
     python -m bench search --tiny --budget 10s                             # the code paths on a tiny random model (~1 min)
+    python -m bench search --data sst2 --seeds 1 --name search-sst2-seed1   # one seed per session, then:
+    python -m bench search --merge bench/results/search-sst2-seed0.json bench/results/search-sst2-seed1.json --name search-sst2
 
 Contenders (each runs once per sampler seed, each run in its own fresh process, one after another, the order of
 the contenders reversed from one seed to the next; ``--tiny`` and ``--same-process`` run them in this process):
@@ -815,8 +817,19 @@ def markdown(res: dict[str, Any]) -> str:
              f"{', '.join(map(str, s['seeds']))}", ""]
     if s["tiny"]:
         lines += ["**--tiny**: a tiny random model on tiny data, to check the code paths; the numbers mean nothing.", ""]
-    lines += [machine_line(m) + (f" Load average at end {tuple(round(x, 2) for x in load_end)}." if load_end else ""),
-              f"Started {res.get('started', '?')}, {fmt(res.get('seconds'), 0)} s in all; revision {res.get('revision') or '?'}.", ""]
+    if res.get("merged_from"):
+        lines += [f"Merged from {len(res['merged_from'])} runs (`python -m bench search --merge`), each on its own "
+                  "machine time; every seed's comparison comes from one run:", ""]
+        for part in res["merged_from"]:
+            end = part.get("load_avg_at_end")
+            lines.append(f"- `{Path(part['file']).name}`: sampler seed(s) {', '.join(map(str, part['seeds']))}, started "
+                         f"{part.get('started', '?')}, {fmt(part.get('seconds'), 0)} s, revision {part.get('revision') or '?'}. "
+                         + machine_line(part["machine"])
+                         + (f" Load average at end {tuple(round(x, 2) for x in end)}." if end else ""))
+        lines.append("")
+    else:
+        lines += [machine_line(m) + (f" Load average at end {tuple(round(x, 2) for x in load_end)}." if load_end else ""),
+                  f"Started {res.get('started', '?')}, {fmt(res.get('seconds'), 0)} s in all; revision {res.get('revision') or '?'}.", ""]
     if res.get("note"):
         lines += [res["note"], ""]
     lines += [f"Rerun: `{res['command']}`", "",
@@ -953,6 +966,51 @@ def run(budget_s: float | None = None, data: str = "sst2", rows: int | None = No
     return res
 
 
+def merge(paths: list[str], name: str) -> dict[str, Any]:
+    """One result from runs of the same settings on different sampler seeds, e.g. one seed per session (a 30-minute
+    budget costs 1.5-2 h per seed on 2 cores). Each seed's comparison stays inside the run that made it (one
+    machine, contenders alternating, each against the baseline of its own seed); the medians over seeds, the goal
+    and the plot are recomputed over the union. Settings that decide what is compared must be equal, the
+    baseline's precision (``trainer_bf16``, a property of the machine) included; seeds may not repeat."""
+    if len(paths) < 2:
+        raise SystemExit("--merge: give at least two result files of `python -m bench search`")
+    parts = []
+    for p in paths:
+        try:
+            res = json.loads(Path(p).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--merge {p}: cannot read it as JSON ({e})") from None
+        if res.get("benchmark") != "search" or "settings" not in res:
+            raise SystemExit(f"--merge {p}: not a result of `python -m bench search`")
+        parts.append(res)
+    first = parts[0]["settings"]
+    for p, res in zip(paths[1:], parts[1:]):
+        differ = sorted(k for k in set(first) | set(res["settings"]) if k != "seeds" and first.get(k) != res["settings"].get(k))
+        if differ:
+            raise SystemExit(f"--merge {p}: its settings differ from {paths[0]} in {', '.join(differ)}; "
+                             "only the sampler seeds may differ")
+    seeds = [seed for res in parts for seed in res["settings"]["seeds"]]
+    repeated = sorted({x for x in seeds if seeds.count(x) > 1})
+    if repeated:
+        raise SystemExit(f"--merge: sampler seed(s) {', '.join(map(str, repeated))} appear in more than one file")
+    s = dict(first) | {"seeds": seeds}
+    base = output_base(name)
+    res = {"benchmark": "search", "settings": s, "command": command_line(s, name), "revision": parts[0].get("revision"),
+           "started": parts[0].get("started"), "machine": parts[0]["machine"],
+           "note": " / ".join(r["note"] for r in parts if r.get("note")) or None, "same_process": parts[0].get("same_process"),
+           "model_path": parts[0].get("model_path"), "data_files": parts[0].get("data_files"),
+           "runs": [copy.deepcopy(r) for part in parts for r in part["runs"]],
+           "seconds": sum(r.get("seconds") or 0 for r in parts), "load_avg_at_end": None,
+           "merged_from": [{"file": str(p), "seeds": r["settings"]["seeds"], "machine": r["machine"],
+                            "revision": r.get("revision"), "started": r.get("started"), "seconds": r.get("seconds"),
+                            "load_avg_at_end": r.get("load_avg_at_end"), "command": r.get("command")}
+                           for p, r in zip(paths, parts)]}
+    finish_analysis(res)
+    res["plot"] = write_plot(res, base)
+    save(str(base), res, markdown(res))
+    return res
+
+
 def _progress_line(r: dict[str, Any], s: dict[str, Any]) -> None:
     if r.get("error"):
         print(f"    FAILED ({r['error']}):\n{r.get('log_tail', '')}", flush=True)
@@ -982,9 +1040,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-work", action="store_true", help="keep the work folder (every study, logs)")
     p.add_argument("--note", help="a line for the report (e.g. what else ran on the machine)")
     p.add_argument("--name", help="result name under bench/results, or a path (default search-DATA; --tiny: in the temp folder)")
+    p.add_argument("--merge", nargs="+", metavar="RESULT_JSON",
+                   help="no run: merge the result files of runs that differ only in their sampler seeds into --name")
 
 
 def run_from_args(ns: argparse.Namespace) -> int:
+    if ns.merge:
+        if not ns.name:
+            raise SystemExit("--merge needs --name (where the merged result goes)")
+        merge(ns.merge, ns.name)
+        return 0
     seeds = tuple(int(x) for x in str(ns.seeds).split(",") if x.strip())
     res = run(ns.budget, data=ns.data, rows=ns.rows, val_rows=ns.val_rows, max_length=ns.max_length, name=ns.name,
               seeds=seeds, contenders=tuple(ns.contenders.split(",")), confirm_seeds=ns.confirm_seeds, threads=ns.threads,

@@ -202,3 +202,45 @@ def test_the_goal_needs_a_third_of_the_baseline_time_and_an_equal_or_better_end(
                       _run("trainer-optuna", 1, [(90, 1.0)]), _run("lmtune-tpe", 1, [(10, 1.0)])], maximize=False)
     g = worse["goals"][0]
     assert g["time_met"] and g["quality_met"]  # losses: 1.9 < 2.0 is better, 1.0 = 1.0 is as good
+
+
+def _split_by_seed(res: dict, folder: Path) -> list[str]:
+    """The two-seed tiny run written as two one-seed results, as two sessions would have written them."""
+    paths = []
+    for seed in res["settings"]["seeds"]:
+        part = json.loads(json.dumps(res)) | {"runs": [r for r in res["runs"] if r["seed"] == seed]}
+        part["settings"]["seeds"] = [seed]
+        for key in ("summary", "goals"):
+            part.pop(key, None)
+        paths.append(str(folder / f"seed{seed}.json"))
+        Path(paths[-1]).write_text(json.dumps(part))
+    return paths
+
+
+def test_merging_one_seed_runs_gives_the_two_seed_result(classification, tmp_path):
+    _, _, res = classification
+    paths = _split_by_seed(res, tmp_path)
+    assert bench_main(["search", "--merge", *paths, "--name", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["settings"]["seeds"] == res["settings"]["seeds"] == [0, 1]
+    assert merged["summary"] == res["summary"] and merged["goals"] == res["goals"]
+    assert [r["fraction_of_baseline_time"] for r in merged["runs"]] == [r["fraction_of_baseline_time"] for r in res["runs"]]
+    md = (tmp_path / "merged.md").read_text()
+    assert "Merged from 2 runs" in md and "`seed0.json`: sampler seed(s) 0" in md and "`seed1.json`: sampler seed(s) 1" in md
+    names = re.findall(r'"name":"([^"]+ seed \d+)"', (tmp_path / "merged.html").read_text(encoding="utf-8"))
+    assert sorted(names) == sorted(f"{r['who']} seed {r['seed']}" for r in res["runs"])
+
+
+def test_merge_refuses_other_settings_and_repeated_seeds(classification, tmp_path):
+    _, _, res = classification
+    paths = _split_by_seed(res, tmp_path)
+    other = json.loads(Path(paths[1]).read_text())
+    other["settings"]["budget_s"] = 20.0
+    Path(paths[1]).write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match=r"seed1\.json: its settings differ from .*seed0\.json in budget_s"):
+        search.merge(paths, str(tmp_path / "merged"))
+    with pytest.raises(SystemExit, match=r"sampler seed\(s\) 0 appear in more than one file"):
+        search.merge([paths[0], paths[0]], str(tmp_path / "merged"))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(SystemExit, match=r"--merge .*bad\.json: cannot read it as JSON"):
+        search.merge([paths[0], str(tmp_path / "bad.json")], str(tmp_path / "merged"))
