@@ -186,3 +186,11 @@ def test_refit_noise_is_the_confirmed_std_else_the_binomial_band():
     assert noise == pytest.approx(2 * math.sqrt(0.9 * 0.1 / 400)) and "400 validation rows" in why
     assert _validation_noise({"results": [{"trial": 4, "std": 0.0}]}, best, "accuracy", record)[0] == pytest.approx(noise)
     assert _validation_noise(None, SimpleNamespace(number=4, value=1.3), "val_loss", record)[0] == 0.0
+
+
+def test_the_start_line_calls_the_trial_count_a_cap_under_a_budget():
+    from lmtune.tune.study import _trial_limit_text
+
+    assert _trial_limit_text(20, "25m") == "at most 20 trials; budget 25m"  # the plan line says how many fit
+    assert _trial_limit_text(20, None) == "20 trials"
+    assert _trial_limit_text(None, "25m") == "no trial limit; budget 25m"

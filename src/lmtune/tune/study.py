@@ -334,6 +334,13 @@ def tune(run: RunConfig, search: SearchConfig | None = None, tc: TuneConfig | No
         return _tune(run, search, tc, worker)
 
 
+def _trial_limit_text(n_trials: int | None, budget: str | None) -> str:
+    """The start line's trial count. With a budget the count is only a cap (the plan's line says how many trials
+    the budget is expected to fit), so it must not read as a promise."""
+    trials = "no trial limit" if not n_trials else (f"at most {n_trials} trials" if budget else f"{n_trials} trials")
+    return trials + (f"; budget {budget}" if budget else "")
+
+
 def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -> TuneResult:
     from lmtune.models import cache_root, check_max_length, resolve
     from lmtune.tasks import resolve_task
@@ -419,8 +426,7 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
              f"{c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed so far")
     log.info("search space: " + "; ".join(f"{k} {v}" for k, v in space.describe().items()))
     log.info(f"data: {n_train} training rows, {len(bundle.val)} validation rows; metric {run.train.metric}; "
-             f"pruner {tc.pruner}; " + (f"{tc.n_trials} trials" if tc.n_trials else "no trial limit")
-             + (f"; budget {tc.budget}" if tc.budget else ""))
+             f"pruner {tc.pruner}; {_trial_limit_text(tc.n_trials, tc.budget)}")
     threads = worker.apply()
     log.info(threads.describe())
 
