@@ -808,10 +808,12 @@ def final_configurations(runs: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _machine_text(machine: dict[str, Any], load_end: list[float] | None) -> str:
+    return machine_line(machine) + (f" Load average at end {tuple(round(x, 2) for x in load_end)}." if load_end else "")
+
+
 def markdown(res: dict[str, Any]) -> str:
     s, metric = res["settings"], res["settings"]["metric"]
-    m = res["machine"]
-    load_end = res.get("load_avg_at_end")
     lines = [f"## Search efficiency: {s['data']} ({s['task']}), {s['rows']} training rows, {s['val_rows']} validation rows, "
              f"max length {s['max_length']}; budget {s['budget_s']:g} s per search; sampler seeds "
              f"{', '.join(map(str, s['seeds']))}", ""]
@@ -821,14 +823,12 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [f"Merged from {len(res['merged_from'])} runs (`python -m bench search --merge`), each on its own "
                   "machine time; every seed's comparison comes from one run:", ""]
         for part in res["merged_from"]:
-            end = part.get("load_avg_at_end")
             lines.append(f"- `{Path(part['file']).name}`: sampler seed(s) {', '.join(map(str, part['seeds']))}, started "
                          f"{part.get('started', '?')}, {fmt(part.get('seconds'), 0)} s, revision {part.get('revision') or '?'}. "
-                         + machine_line(part["machine"])
-                         + (f" Load average at end {tuple(round(x, 2) for x in end)}." if end else ""))
+                         + _machine_text(part["machine"], part.get("load_avg_at_end")))
         lines.append("")
     else:
-        lines += [machine_line(m) + (f" Load average at end {tuple(round(x, 2) for x in load_end)}." if load_end else ""),
+        lines += [_machine_text(res["machine"], res.get("load_avg_at_end")),
                   f"Started {res.get('started', '?')}, {fmt(res.get('seconds'), 0)} s in all; revision {res.get('revision') or '?'}.", ""]
     if res.get("note"):
         lines += [res["note"], ""]
