@@ -30,6 +30,10 @@ goes first from one repeat to the next:
   data size. On 400 rows in batches of 16, lmtune's one mega-batch is the whole epoch, so every batch is a slice of
   one global length order (on E2E, mostly one number of attributes), where TRL's batches mix rows from a random
   96: whether that batch composition is what separates lmtune's quality from TRL's. Compared like a TRL contender.
+* ``lmtune-trlorder`` (ablation): ``lmtune`` with transformers' whole batch order (``get_length_grouped_indices``,
+  as TRL's ``group_by_length`` sampler uses it): at least four mega-batches, each sorted longest first and kept in
+  that order, so an epoch is a few runs of batches from long to short, where lmtune shuffles the batches after
+  grouping. ``lmtune-mega4`` matched the composition and left BLEU where it was; this matches the order too.
 
 Per process: s/step (median over steps 2..S, step 1 is the warm-up; a step is the time between two optimizer-step
 ends, data loading included), tokens/s (target tokens and all non-pad tokens, counted from what the model was fed),
@@ -68,10 +72,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
 CONTENDERS = ("lmtune", "sft-best")
-ALL_CONTENDERS = ("lmtune", "sft-best", "sft-padding-free", "sft-default", "lmtune-autocast", "lmtune-mega4")
+ALL_CONTENDERS = ("lmtune", "sft-best", "sft-padding-free", "sft-default", "lmtune-autocast", "lmtune-mega4",
+                  "lmtune-trlorder")
 SFT_FLAGS = {
     "lmtune-autocast": "lmtune.train defaults but --precision bf16 (autocast over fp32 weights, as TRL trains)",
     "lmtune-mega4": "lmtune.train defaults but length groups over at least 4 mega-batches (transformers' rule)",
+    "lmtune-trlorder": "lmtune.train defaults but transformers' length-grouped batch order (descending runs, no shuffle)",
     "sft-best": "bf16 (native bf16 CPUs; fp32 elsewhere), completion-only loss, group_by_length, no gradient checkpointing",
     "sft-padding-free": "bf16 (native bf16 CPUs; fp32 elsewhere), completion-only loss, padding_free (max_length=None), "
                         "no gradient checkpointing",
@@ -567,6 +573,19 @@ def _step_stats(starts: list[float], ends: list[float], tokens: list[int], targe
             "cpu_step_times": [round(t, 4) for t in cpu], "train_epoch_cpu_s": med_cpu * steps_per_epoch}
 
 
+def transformers_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, drop_last: bool = False) -> list[list[int]]:
+    """One epoch's batches in the order transformers' ``group_by_length`` sampler (TRL's) yields them."""
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = get_length_grouped_indices(lengths, batch_size, generator=g)
+    out = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    if drop_last and out and len(out[-1]) < batch_size:
+        out.pop()
+    return out
+
+
 def _train_lmtune(spec: dict[str, Any]) -> tuple[dict[str, Any], str]:
     import importlib
 
@@ -645,6 +664,17 @@ def _train_lmtune(spec: dict[str, Any]) -> tuple[dict[str, Any], str]:
             lmtune_init(self, lengths, batch_size, **kw)
 
         LengthGroupedSampler.__init__ = transformers_rule
+    if spec["contender"] == "lmtune-trlorder":
+        from lmtune.data.batching import LengthGroupedSampler
+        lmtune_batches = LengthGroupedSampler.batches
+
+        def transformers_order(self, epoch=None):  # this worker process only
+            if not (self.shuffle and self.group_by_length):
+                return lmtune_batches(self, epoch)
+            return transformers_batches(self.lengths.tolist(), self.batch_size, self.seed,
+                                        self.epoch if epoch is None else epoch, self.drop_last)
+
+        LengthGroupedSampler.batches = transformers_order
     t0 = time.time()
     res = lmtune.train(cfg, on_evaluate=on_eval, quiet=True)
     rec = res.record

@@ -81,3 +81,29 @@ def test_quality_over_seeds_calls_a_gap_within_the_seed_spread_equal():
     assert q["val_loss"]["equal_or_better"]  # 0.01 higher (worse), within the std 0.014
     assert not q["test_rougeL"]["equal_or_better"]  # 3.6 below, std 0.71
     assert sft.quality_over_seeds(ours[:1], theirs[:1]) == {}  # one seed: no spread, no verdict
+
+
+def _descending_runs(batches: list[list[int]], lengths: list[int]) -> int:
+    longest = [max(lengths[i] for i in b) for b in batches]
+    return 1 + sum(1 for a, b in zip(longest, longest[1:]) if b > a)
+
+
+def test_trlorder_ablation_orders_batches_as_transformers_does():
+    import random
+
+    from lmtune.data.batching import LengthGroupedSampler
+
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 120) for _ in range(1000)]
+    ours = sft.transformers_batches(lengths, 16, seed=0, epoch=0)
+    assert sorted(i for b in ours for i in b) == list(range(1000))  # every row once
+    assert [len(b) for b in ours] == [16] * 62 + [8]
+    assert max(lengths[i] for i in ours[0]) == max(lengths)  # the longest row first, as transformers puts it
+    # 1000 rows in batches of 16: mega-batches of 15 batches, each longest first, so a handful of long-to-short
+    # runs (the swap of the longest row into the first batch can add one); lmtune's own sampler shuffles batches
+    assert _descending_runs(ours, lengths) <= 6
+    lm = LengthGroupedSampler(lengths, 16, seed=0).batches(0)
+    assert _descending_runs(lm, lengths) > 20
+    assert sft.transformers_batches(lengths, 16, seed=0, epoch=0) == ours  # deterministic per (seed, epoch)
+    assert sft.transformers_batches(lengths, 16, seed=0, epoch=1) != ours
+    assert len(sft.transformers_batches(lengths, 16, seed=0, epoch=0, drop_last=True)) == 62
