@@ -132,7 +132,11 @@ def across(studies: list[dict[str, Any]]) -> list[str]:
     gains = []
     for s in studies:
         d = s["answer"].get("defaults_vs_tuned") or {}
-        if d.get("gain") is not None and d.get("noise") is not None:
+        if d.get("defaults_best"):  # no searched trial beat them: nothing was bought
+            spread = (f"{d['default_mean']:.4f} +- {d['default_std']:.4f} over {len(d.get('seeds') or [])} seeds"
+                      if d.get("default_mean") is not None else "one seed")
+            gains.append(f"{s['data']}: nothing, the defaults were the best trial ({spread})")
+        elif d.get("gain") is not None and d.get("noise") is not None:
             gains.append(f"{s['data']}: {_gain(d['gain'], s['answer'])} (seed noise {d['noise']:.4g}, "
                          + ("within" if d.get("within_noise") else "beyond") + " it)")
         elif d.get("gain") is not None:  # the budget left no room to run the defaults on the confirmation seeds
@@ -156,7 +160,8 @@ def render(studies: list[dict[str, Any]]) -> str:
              "documented defaults on the same seeds), "
              "shown here per study and side by side. Read the bands before the numbers: a study of 10 to 20 trials ranks "
              "parameters only roughly, and the studies say so themselves.", ""]
-    lines += ["**Coverage.** " + (f"Studies so far: {', '.join(sorted(covered, key=lambda d: WANTED.index(d) if d in WANTED else 9))}. "
+    lines += ["**Coverage.** " + (f"Studies so far: {', '.join(sorted(covered, key=lambda d: WANTED.index(d) if d in WANTED else 9))}."
+                                  + (" " if missing else "")
                                   if studies else "No study yet. ")
               + (f"Not yet studied: {', '.join(missing)}; until they are, nothing here generalises to them." if missing else ""), ""]
     if len(studies) > 1:

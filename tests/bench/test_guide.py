@@ -78,3 +78,17 @@ def test_a_study_whose_defaults_were_not_confirmed_says_so_instead_of_dropping_o
             "not measured, so not a conclusion)") in page
     assert "| big | 4 | 0.9300 | 0.9244 +- 0.0096 | 171 |" in page
     assert "| small | 3 | 0.8900 | not confirmed | 67 |" in page
+
+
+def test_a_study_whose_defaults_won_says_tuning_bought_nothing(tmp_path: Path):
+    _study(tmp_path / "a", "AG News", gain=0.0, noise=0.01)
+    _study(tmp_path / "b", "SST-2", gain=0.005, noise=0.01)
+    answer = json.loads((tmp_path / "a" / "answer.json").read_text())
+    answer["defaults_vs_tuned"] = {"default_trial": 0, "default_value": 0.8967, "tuned_trial": 0, "tuned_value": 0.8967,
+                                   "gain": 0.0, "seeds": [0, 1, 2], "within_noise": None, "defaults_best": True,
+                                   "default_mean": 0.8878, "default_std": 0.0084}
+    (tmp_path / "a" / "answer.json").write_text(json.dumps(answer))
+    page = guide.render(guide.load_studies(tmp_path))
+    assert "AG News: nothing, the defaults were the best trial (0.8878 +- 0.0084 over 3 seeds)" in page
+    assert "AG News: bought" not in page
+    assert "**Coverage.** Studies so far: SST-2, AG News. Not yet studied: TREC, E2E;" in page

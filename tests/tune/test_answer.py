@@ -160,3 +160,31 @@ def test_every_importance_lies_inside_its_own_band_with_few_trials():
             assert b["low"] <= b["importance"] <= b["high"], b
             outside += not (b["low"] <= b["all_trials"] <= b["high"])
     assert outside  # the all-trials value does leave its band on these studies: the check above is not idle
+
+
+def test_a_size_confirmed_alone_is_compared_on_single_seeds_not_on_its_mean():
+    # AG News study: smollm2 (the defaults, trial 0) 0.8967 on the search seed, confirmed 0.8878; gemma 0.8967 on
+    # one seed. Comparing smollm2's mean with gemma's single seed named the lower number the winner.
+    study = synthetic_study(24, models=True)
+    best = {m: max((t for t in study.trials if t.params["model"] == m), key=lambda t: t.value) for m in ("small", "large")}
+    only_small = {"results": [{"trial": best["small"].number, "seeds": [0, 1, 2], "values": [0.5, 0.5, 0.5],
+                               "mean": 0.5, "std": 0.0}]}
+    verdict = next(s for s in compute_answer(study, confirmation=only_small, n_bootstrap=3)["statements"]
+                   if "gave the best" in s or " tie " in s)
+    assert verdict.startswith("large gave the best") and "search seed" in verdict
+    assert f"{best['large'].value:.4f} vs {best['small'].value:.4f}" in verdict
+
+
+def test_defaults_that_win_the_search_say_tuning_bought_nothing_with_their_seed_spread():
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("metric", "accuracy")
+    for i, (lr, acc) in enumerate([(5e-5, 0.90), (1e-4, 0.88), (3e-4, 0.85), (1e-5, 0.80)]):
+        study.add_trial(create_trial(params={"learning_rate": lr}, distributions={"learning_rate": LR}, value=acc,
+                                     user_attrs={DEFAULT_ATTR: True} if i == 0 else {}))
+    confirmation = {"results": [{"trial": 0, "seeds": [0, 1, 2], "values": [0.90, 0.88, 0.89], "mean": 0.89, "std": 0.01}]}
+    answer = compute_answer(study, confirmation=confirmation, n_bootstrap=3)
+    assert answer["defaults_vs_tuned"]["defaults_best"] is True
+    text = " ".join(answer["statements"])
+    assert "The defaults were the best configuration of the 4 finished trials (0.8900 +- 0.0100 over 3 seeds)" in text
+    assert "not measured" not in text
+    assert "(one seed)" in " ".join(compute_answer(study, n_bootstrap=3)["statements"])

@@ -204,6 +204,11 @@ def _defaults_vs_tuned(study, done, confirmation, maximize: bool) -> dict[str, A
                  "tuned_std": tuned["std"], "gain": gain, "noise": noise, "within_noise": abs(gain) <= noise}
     elif view["default_value"] is not None:
         view |= {"gain": sign * (view["tuned_value"] - view["default_value"]), "seeds": None, "within_noise": None}
+    # No searched trial beat the defaults: the answer is "tuning bought nothing", with the defaults' own seed
+    # spread where they were confirmed, not "seed noise not measured".
+    view["defaults_best"] = tuned is None and best_single.number == default.number
+    if view["defaults_best"] and base:
+        view |= {"default_mean": base["mean"], "default_std": base["std"], "seeds": base.get("seeds")}
     return view
 
 
@@ -291,25 +296,33 @@ def statements(answer: dict[str, Any]) -> list[str]:
         out.append(f"Tuning {gain_words(d['gain'], metric, answer.get('direction'))} over the defaults on the same seeds "
                    f"({d['tuned_mean']:.4f} +- {d['tuned_std']:.4f} vs {d['default_mean']:.4f} +- {d['default_std']:.4f}): "
                    f"{verdict}.")
+    elif d and d.get("defaults_best"):
+        spread = (f" ({d['default_mean']:.4f} +- {d['default_std']:.4f} over {len(d.get('seeds') or [])} seeds)"
+                  if d.get("default_mean") is not None else " (one seed)")
+        out.append(f"The defaults were the best configuration of the {answer['trials']['complete']} finished trials"
+                   f"{spread}: tuning bought nothing here.")
     elif d and d.get("gain") is not None:
         out.append(f"Tuning {gain_words(d['gain'], metric, answer.get('direction'))} over the defaults, one seed each: seed noise not measured "
                    "on the defaults, so this gain is not yet a conclusion.")
     sizes = [s for s in answer["sizes"] if s["best_value"] is not None]
     if len(sizes) > 1:
-        out.append(_size_verdict(sizes, metric, answer.get("budget_s")))
+        out.append(_size_verdict(sizes, metric, answer.get("budget_s"), answer.get("direction") != "minimize"))
     if not any(s.get("confirmed_mean") is not None for s in answer["sizes"]):
         out.append("No seed confirmation ran: every value is one seed, and seed noise is unmeasured.")
     return out
 
 
-def _size_verdict(sizes: list[dict[str, Any]], metric: str, budget_s: float | None) -> str:
-    """Which size wins: on confirmed means where both were confirmed, else on single seeds (and said so); when the
-    two are within seed noise, the cheaper one wins, since the budget buys more trials of it."""
-    def score(s: dict[str, Any]) -> float:
-        return s["confirmed_mean"] if s.get("confirmed_mean") is not None else s["best_value"]
+def _size_verdict(sizes: list[dict[str, Any]], metric: str, budget_s: float | None, maximize: bool = True) -> str:
+    """Which size wins: on confirmed means where both were confirmed, else on the search seed's best of each (and
+    said so; a confirmed mean is never set against another size's single seed); when the two are within seed
+    noise, the cheaper one wins, since the budget buys more trials of it."""
+    confirmed = all(s.get("confirmed_mean") is not None for s in sizes[:2])
 
-    first, second = sizes[0], sizes[1]
-    confirmed = first.get("confirmed_mean") is not None and second.get("confirmed_mean") is not None
+    def score(s: dict[str, Any]) -> float:
+        return s["confirmed_mean"] if confirmed else s["best_value"]
+
+    sign = 1.0 if maximize else -1.0
+    first, second = sorted(sizes[:2], key=lambda s: -sign * score(s))
     noise = math.sqrt((first.get("confirmed_std") or 0.0) ** 2 + (second.get("confirmed_std") or 0.0) ** 2)
     gap = abs(score(first) - score(second))
     cost = ""
@@ -321,7 +334,10 @@ def _size_verdict(sizes: list[dict[str, Any]], metric: str, budget_s: float | No
         return (f"{first['model']} and {second['model']} are within seed noise of each other ({gap:.4f} apart, "
                 f"noise {noise:.4f}): {cheaper['model']} wins for the time, at {cheaper['seconds_per_trial'] or 0:.0f} "
                 f"s per trial.{cost}")
-    basis = "confirmed means" if confirmed else "one seed each, so this is not yet a conclusion"
+    if not confirmed and gap == 0:
+        return (f"{first['model']} and {second['model']} tie on the search seed ({score(first):.4f} each; one seed "
+                f"each, so this is not yet a conclusion).{cost}")
+    basis = "confirmed means" if confirmed else "the search seed, one run each, so this is not yet a conclusion"
     return (f"{first['model']} gave the best {metric} ({score(first):.4f} vs {score(second):.4f} for "
             f"{second['model']}; {basis}).{cost}")
 
