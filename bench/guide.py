@@ -129,13 +129,13 @@ def across(studies: list[dict[str, Any]]) -> list[str]:
             b = next((x for x in imps if x["parameter"] == n), None)
             cells.append(f"#{imps.index(b) + 1}: {b['importance']:.2f} ({b['low']:.2f}..{b['high']:.2f})" if b else "not searched")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    from lmtune.tune.answer import defaults_spread
+
     gains = []
     for s in studies:
         d = s["answer"].get("defaults_vs_tuned") or {}
         if d.get("defaults_best"):  # no searched trial beat them: nothing was bought
-            spread = (f"{d['default_mean']:.4f} +- {d['default_std']:.4f} over {len(d.get('seeds') or [])} seeds"
-                      if d.get("default_mean") is not None else "one seed")
-            gains.append(f"{s['data']}: nothing, the defaults were the best trial ({spread})")
+            gains.append(f"{s['data']}: nothing, the defaults were the best trial ({defaults_spread(d)})")
         elif d.get("gain") is not None and d.get("noise") is not None:
             gains.append(f"{s['data']}: {_gain(d['gain'], s['answer'])} (seed noise {d['noise']:.4g}, "
                          + ("within" if d.get("within_noise") else "beyond") + " it)")
@@ -160,10 +160,11 @@ def render(studies: list[dict[str, Any]]) -> str:
              "documented defaults on the same seeds), "
              "shown here per study and side by side. Read the bands before the numbers: a study of 10 to 20 trials ranks "
              "parameters only roughly, and the studies say so themselves.", ""]
-    lines += ["**Coverage.** " + (f"Studies so far: {', '.join(sorted(covered, key=lambda d: WANTED.index(d) if d in WANTED else 9))}."
-                                  + (" " if missing else "")
-                                  if studies else "No study yet. ")
-              + (f"Not yet studied: {', '.join(missing)}; until they are, nothing here generalises to them." if missing else ""), ""]
+    coverage = [f"Studies so far: {', '.join(sorted(covered, key=lambda d: WANTED.index(d) if d in WANTED else 9))}."
+                if studies else "No study yet."]
+    if missing:
+        coverage.append(f"Not yet studied: {', '.join(missing)}; until they are, nothing here generalises to them.")
+    lines += ["**Coverage.** " + " ".join(coverage), ""]
     if len(studies) > 1:
         lines += ["## Side by side", "", "Rank and importance (band) of each parameter in each study:", ""] + across(studies) + [""]
     lines += ["## The studies", ""]

@@ -83,12 +83,18 @@ def test_defaults_against_tuned_on_the_same_seeds_with_noise_called_out():
     assert any("within seed noise" in s for s in answer["statements"])
 
 
-def test_minimised_metric_counts_a_lower_value_as_a_gain():
-    study = optuna.create_study(direction="minimize")
-    study.set_user_attr("metric", "val_loss")
-    for i, (lr, loss) in enumerate([(5e-5, 2.0), (1e-4, 1.5), (3e-4, 1.7), (1e-5, 2.5)]):
-        study.add_trial(create_trial(params={"learning_rate": lr}, distributions={"learning_rate": LR}, value=loss,
+def lr_study(direction: str, metric: str, trials: list[tuple[float, float]]) -> optuna.Study:
+    """A study over the learning rate alone from (learning rate, value) pairs; the first pair is the defaults."""
+    study = optuna.create_study(direction=direction)
+    study.set_user_attr("metric", metric)
+    for i, (lr, value) in enumerate(trials):
+        study.add_trial(create_trial(params={"learning_rate": lr}, distributions={"learning_rate": LR}, value=value,
                                      user_attrs={DEFAULT_ATTR: True} if i == 0 else {}))
+    return study
+
+
+def test_minimised_metric_counts_a_lower_value_as_a_gain():
+    study = lr_study("minimize", "val_loss", [(5e-5, 2.0), (1e-4, 1.5), (3e-4, 1.7), (1e-5, 2.5)])
     answer = compute_answer(study, n_bootstrap=5)
     assert answer["defaults_vs_tuned"]["tuned_value"] == 1.5 and answer["defaults_vs_tuned"]["gain"] == pytest.approx(0.5)
     assert answer["parameters"]["learning_rate"]["best_range"] == [5e-5, 3e-4]  # the best 3 of 4: losses 1.5, 1.7, 2.0
@@ -176,11 +182,7 @@ def test_a_size_confirmed_alone_is_compared_on_single_seeds_not_on_its_mean():
 
 
 def test_defaults_that_win_the_search_say_tuning_bought_nothing_with_their_seed_spread():
-    study = optuna.create_study(direction="maximize")
-    study.set_user_attr("metric", "accuracy")
-    for i, (lr, acc) in enumerate([(5e-5, 0.90), (1e-4, 0.88), (3e-4, 0.85), (1e-5, 0.80)]):
-        study.add_trial(create_trial(params={"learning_rate": lr}, distributions={"learning_rate": LR}, value=acc,
-                                     user_attrs={DEFAULT_ATTR: True} if i == 0 else {}))
+    study = lr_study("maximize", "accuracy", [(5e-5, 0.90), (1e-4, 0.88), (3e-4, 0.85), (1e-5, 0.80)])
     confirmation = {"results": [{"trial": 0, "seeds": [0, 1, 2], "values": [0.90, 0.88, 0.89], "mean": 0.89, "std": 0.01}]}
     answer = compute_answer(study, confirmation=confirmation, n_bootstrap=3)
     assert answer["defaults_vs_tuned"]["defaults_best"] is True

@@ -97,6 +97,13 @@ def gain_words(gain: float, metric: str, direction: str | None) -> str:
     return f"bought {gain:+.4f} {metric}"
 
 
+def defaults_spread(d: dict[str, Any]) -> str:
+    """The defaults' value over their confirmation seeds, or "one seed" where they were not confirmed."""
+    if d.get("default_mean") is None:
+        return "one seed"
+    return f"{d['default_mean']:.4f} +- {d['default_std']:.4f} over {len(d.get('seeds') or [])} seeds"
+
+
 def importance_bands(direction, done: list[optuna.trial.FrozenTrial], names: list[str], *, n_bootstrap: int = 30,
                      seed: int = 0) -> list[dict[str, Any]]:
     """fANOVA importance of each parameter over bootstrap resamples of the finished trials: the median is the
@@ -297,10 +304,8 @@ def statements(answer: dict[str, Any]) -> list[str]:
                    f"({d['tuned_mean']:.4f} +- {d['tuned_std']:.4f} vs {d['default_mean']:.4f} +- {d['default_std']:.4f}): "
                    f"{verdict}.")
     elif d and d.get("defaults_best"):
-        spread = (f" ({d['default_mean']:.4f} +- {d['default_std']:.4f} over {len(d.get('seeds') or [])} seeds)"
-                  if d.get("default_mean") is not None else " (one seed)")
         out.append(f"The defaults were the best configuration of the {answer['trials']['complete']} finished trials"
-                   f"{spread}: tuning bought nothing here.")
+                   f" ({defaults_spread(d)}): tuning bought nothing here.")
     elif d and d.get("gain") is not None:
         out.append(f"Tuning {gain_words(d['gain'], metric, answer.get('direction'))} over the defaults, one seed each: seed noise not measured "
                    "on the defaults, so this gain is not yet a conclusion.")
