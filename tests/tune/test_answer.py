@@ -11,7 +11,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from lmtune.tune.answer import DEFAULT_ATTR, answer_lines, compute_answer, importance_bands
+from lmtune.tune.answer import DEFAULT_ATTR, answer_lines, compute_answer, default_trial_line, importance_bands
 
 LR = FloatDistribution(1e-5, 1e-3, log=True)
 BATCH = CategoricalDistribution((8, 16, 32))
@@ -190,3 +190,12 @@ def test_defaults_that_win_the_search_say_tuning_bought_nothing_with_their_seed_
     assert "The defaults were the best configuration of the 4 finished trials (0.8900 +- 0.0100 over 3 seeds)" in text
     assert "not measured" not in text
     assert "(one seed)" in " ".join(compute_answer(study, n_bootstrap=3)["statements"])
+
+
+def test_the_default_trial_line_claims_no_gap_when_the_defaults_are_the_best_trial():
+    won = default_trial_line(0, 0.8875, 0, 0.8875, "accuracy", maximize=True)
+    assert won == "default configuration (trial #0): accuracy 0.8875; it is the best trial: the search found nothing better"
+    beaten = default_trial_line(0, 0.85, 7, 0.87, "accuracy", maximize=True)
+    assert "the best trial (#7) is +0.0200 better" in beaten
+    # a minimised metric: the best trial's lower loss is the gain
+    assert "the best trial (#3) is +0.1000 better" in default_trial_line(0, 1.4, 3, 1.3, "val_loss", maximize=False)

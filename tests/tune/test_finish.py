@@ -37,7 +37,12 @@ def test_first_trial_is_the_default_configuration(tune_data, tiny_llama, tmp_pat
     assert first.user_attrs.get("lmtune_default") is True
     assert first.params["learning_rate"] == pytest.approx(1e-4)  # lmtune train's 5e-5, clipped into the range
     assert first.params["warmup_ratio"] == pytest.approx(0.06) and first.params["weight_decay"] == 0.01
-    assert "default configuration (trial 0)" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "default configuration (trial #0)" in out_text
+    if study.best_trial.number == 0:  # the defaults won: no "+0.0000 better" gap is claimed
+        assert "it is the best trial" in out_text and "+0.0000" not in out_text
+    else:
+        assert f"the best trial (#{study.best_trial.number}) is +" in out_text
 
 
 def _study_with(seconds: list[float]):

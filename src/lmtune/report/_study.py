@@ -29,7 +29,7 @@ from lmtune.report._page import (BEST_COLOR, MUTED_COLOR, TRAIN_COLOR, Cell, Pag
                                  num_cell, scale_color, style)
 from lmtune.report._run import (RUN_RECORD, TEXT_METRICS, RunData, _finite, _json_type, add_run_sections, guarded,
                                 higher_is_better, inside, load_run, read_record, resolve_name, safe_file)
-from lmtune.tune.answer import DEFAULT_ATTR, answer_lines
+from lmtune.tune.answer import DEFAULT_ATTR, answer_lines, default_trial_line
 from lmtune.tune.warm import WARM_ATTR
 
 
@@ -226,13 +226,9 @@ def _handed_back_lines(sd: StudyData) -> list[str]:
     """Plain statements of what tuning bought and what best/ holds (for the page and summary.md)."""
     lines = []
     best, default = sd.best, _default_trial(sd)
-    sign = 1 if sd.maximize else -1
     if default is not None and best is not None:
         if default.state.name == "COMPLETE" and default.value is not None:
-            gain = sign * (best.value - default.value)
-            lines.append(f"default configuration (trial #{default.number}): {sd.metric} {default.value:.4f}; the best trial "
-                         f"is {gain:+.4f} {'better' if gain >= 0 else 'worse'} (one seed each: a gap within seed noise "
-                         "is not a gain; see the seed confirmation)")
+            lines.append(default_trial_line(default.number, default.value, best.number, best.value, sd.metric, sd.maximize))
         else:
             lines.append(f"default configuration (trial #{default.number}) was pruned: below the median of the trials before it")
     r = sd.refit

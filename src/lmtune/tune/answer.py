@@ -97,6 +97,20 @@ def gain_words(gain: float, metric: str, direction: str | None) -> str:
     return f"bought {gain:+.4f} {metric}"
 
 
+def default_trial_line(default_number: int, default_value: float, best_number: int, best_value: float, metric: str,
+                       maximize: bool) -> str:
+    """One line on the default configuration's trial against the best trial (terminal, summary.md, report).
+
+    When the defaults are the best trial there is no gap to state: "+0.0000 better" read as if tuning had found
+    something equal, where it found nothing better."""
+    head = f"default configuration (trial #{default_number}): {metric} {default_value:.4f}"
+    if default_number == best_number:
+        return f"{head}; it is the best trial: the search found nothing better"
+    gain = (best_value - default_value) * (1 if maximize else -1)
+    return (f"{head}; the best trial (#{best_number}) is {gain:+.4f} {'better' if gain >= 0 else 'worse'} "
+            "(one seed each: a gap within seed noise is not a gain; see the seed confirmation)")
+
+
 def defaults_spread(d: dict[str, Any]) -> str:
     """The defaults' value over their confirmation seeds, or "one seed" where they were not confirmed."""
     if d.get("default_mean") is None:

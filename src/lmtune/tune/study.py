@@ -43,7 +43,7 @@ from lmtune._io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from lmtune.config import LOSS_METRICS, Metric, RunConfig, SearchConfig, TuneConfig
 from lmtune.errors import ConfigError, DivergenceError, Interrupted, LmtuneError, ModelError, StudyError
 from lmtune.records import STUDY_FILE
-from lmtune.tune.answer import ANSWER_FILE, DEFAULT_ATTR, answer_lines, compute_answer
+from lmtune.tune.answer import ANSWER_FILE, DEFAULT_ATTR, answer_lines, compute_answer, default_trial_line
 from lmtune.tune.space import SEARCHABLE, SearchSpace, build_space
 from lmtune.tune.warm import WARM_ATTR, load_source, warm_configurations
 
@@ -1032,9 +1032,8 @@ def _write_outputs(study, out: Path, metric: str, result: TuneResult) -> None:
             log.info(f"best model: {result.best_dir}  (lmtune evaluate {result.best_dir} --data TEST_FILE)")
     default = _default_trial(study)
     if default is not None and default.value is not None and result.best_value is not None:
-        gain = (result.best_value - default.value) * (1 if study.direction.name == "MAXIMIZE" else -1)
-        log.info(f"default configuration (trial {default.number}): {metric} {default.value:.4f}; "
-                 f"the best trial is {gain:+.4f} better (one seed each)")
+        log.info(default_trial_line(default.number, default.value, result.best_trial, result.best_value, metric,
+                                    study.direction.name == "MAXIMIZE"))
     if result.refit:
         r = result.refit
         value = "diverged" if r.get("refit_value") is None else f"{r['refit_value']:.4f}"
