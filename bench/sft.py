@@ -3,6 +3,7 @@
     python -m bench sft                  # modest: 400 E2E pairs, batch 16, 1 epoch (25 steps), 2 repeats, 50 test inputs
     python -m bench sft --reference      # the issue's reference setting: 1,000 pairs, 100 test inputs
     python -m bench sft --contenders lmtune,sft-best,sft-padding-free,sft-default   # every TRL variant
+    python -m bench sft _pool NAME A.json B.json   # quality over the training seeds of several runs (--seed N)
     python -m bench.sft --rows 48 --steps 3 --val-rows 16 --test-inputs 4 --repeats 1 --name /tmp/sft-smoke   # smoke
 
 Part 1, training. The same model (the offline alias ``smollm2-135m-instruct``), the same rows (drawn once with
@@ -34,6 +35,10 @@ goes first from one repeat to the next:
   as TRL's ``group_by_length`` sampler uses it): at least four mega-batches, each sorted longest first and kept in
   that order, so an epoch is a few runs of batches from long to short, where lmtune shuffles the batches after
   grouping. ``lmtune-mega4`` matched the composition and left BLEU where it was; this matches the order too.
+* ``lmtune-sdpa`` (ablation): ``lmtune`` with SDPA attention, as TRL trains, instead of ``lmtune_eager`` (which
+  keeps the attention probabilities in bf16 and runs the softmax backward on them): with the same seed it sees the
+  same batches as ``lmtune``, so it isolates the attention kernel's numerics. Over six seeds TRL's validation loss
+  was 0.009 lower (Welch p 0.01) while precision, batch composition and order were each ruled out.
 
 Per process: s/step (median over steps 2..S, step 1 is the warm-up; a step is the time between two optimizer-step
 ends, data loading included), tokens/s (target tokens and all non-pad tokens, counted from what the model was fed),
@@ -73,11 +78,12 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
 CONTENDERS = ("lmtune", "sft-best")
 ALL_CONTENDERS = ("lmtune", "sft-best", "sft-padding-free", "sft-default", "lmtune-autocast", "lmtune-mega4",
-                  "lmtune-trlorder")
+                  "lmtune-trlorder", "lmtune-sdpa")
 SFT_FLAGS = {
     "lmtune-autocast": "lmtune.train defaults but --precision bf16 (autocast over fp32 weights, as TRL trains)",
     "lmtune-mega4": "lmtune.train defaults but length groups over at least 4 mega-batches (transformers' rule)",
     "lmtune-trlorder": "lmtune.train defaults but transformers' length-grouped batch order (descending runs, no shuffle)",
+    "lmtune-sdpa": "lmtune.train defaults but SDPA attention (TRL's), not lmtune_eager (bf16 softmax backward)",
     "sft-best": "bf16 (native bf16 CPUs; fp32 elsewhere), completion-only loss, group_by_length, no gradient checkpointing",
     "sft-padding-free": "bf16 (native bf16 CPUs; fp32 elsewhere), completion-only loss, padding_free (max_length=None), "
                         "no gradient checkpointing",
@@ -188,7 +194,7 @@ def settings(ns: argparse.Namespace) -> dict[str, Any]:
     steps = ns.steps if ns.steps is not None else math.ceil(rows / ns.batch)
     return {"rows": rows, "val_rows": ns.val_rows, "test_inputs": test_inputs, "batch": ns.batch, "lr": ns.lr,
             "steps": steps, "epoch_steps": math.ceil(rows / ns.batch), "max_length": ns.max_length,
-            "warmup_ratio": 0.06, "weight_decay": 0.01, "seed": 0, "eval_batch": ns.batch,
+            "warmup_ratio": 0.06, "weight_decay": 0.01, "seed": getattr(ns, "seed", 0), "eval_batch": ns.batch,
             "decode_batch": ns.batch, "repeats": ns.repeats, "threads": ns.threads, "model": MODEL,
             "reference": bool(ns.reference), "skip_scores": bool(getattr(ns, "skip_scores", False)),
             "seed_per_repeat": bool(getattr(ns, "seed_per_repeat", False))}
@@ -349,8 +355,100 @@ def quality_over_seeds(ours: list[dict[str, Any]], theirs: list[dict[str, Any]])
         ma, mb, sa, sb = statistics.fmean(a), statistics.fmean(b), statistics.stdev(a), statistics.stdev(b)
         worse_by = (mb - ma) if higher_is_better else (ma - mb)
         out[key] = {"lmtune_mean": ma, "lmtune_std": sa, "other_mean": mb, "other_std": sb, "n": min(len(a), len(b)),
-                    "equal_or_better": worse_by <= max(sa, sb)}
+                    "equal_or_better": worse_by <= max(sa, sb), "welch_p": _welch_p(a, b)}
     return out
+
+
+def _welch_p(a: list[float], b: list[float]) -> float | None:
+    """Two-sided p-value of Welch's t-test (unequal variances): how often seed noise alone would give a gap as
+    large as this one. With three seeds a side it is a weak test; it says how far from settled the gap is."""
+    from scipy.stats import ttest_ind
+
+    if statistics.stdev(a) == 0 and statistics.stdev(b) == 0:
+        return None
+    return float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
+# Settings that must agree for runs to be pooled over seeds (the seed itself and the repeat count may differ).
+POOL_SETTINGS = ("rows", "val_rows", "test_inputs", "batch", "lr", "steps", "max_length", "warmup_ratio",
+                 "weight_decay", "model")
+
+
+def pool_seeds(results: list[dict[str, Any]], sources: list[str]) -> dict[str, Any]:
+    """Pool the per-seed quality of several runs of one setting (e.g. seeds 0-2, then --seed 3 for 3-5).
+
+    Quality only: each run's speed ratios belong to its own machine and load, so they are not pooled. A seed
+    measured in two runs is kept once (training is deterministic per seed on one build; a disagreement is
+    recorded, not hidden)."""
+    first = results[0]["settings"]
+    for src, res in zip(sources[1:], results[1:]):
+        differ = [k for k in POOL_SETTINGS if res["settings"].get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"{src}: settings differ from {sources[0]} in {', '.join(differ)}; only seeds may differ")
+    by_seed: dict[str, dict[int, dict[str, Any]]] = {}
+    repeated = []
+    for src, res in zip(sources, results):
+        for c, rs in res["runs"].items():
+            for r in rs:
+                if r.get("seed") is None:
+                    raise ValueError(f"{src}: a {c} run has no seed (made before --seed-per-repeat recorded it)")
+                seen = by_seed.setdefault(c, {}).get(r["seed"])
+                if seen is None:
+                    by_seed[c][r["seed"]] = r | {"source": src}
+                else:
+                    repeated.append({"contender": c, "seed": r["seed"], "sources": [seen["source"], src],
+                                     "same_quality": all(seen.get(k) == r.get(k) for k, _ in QUALITY)})
+    runs = {c: [v[k] for k in sorted(v)] for c, v in by_seed.items()}
+    if "lmtune" not in runs:
+        raise ValueError("no lmtune runs to compare")
+    return {"benchmark": "generation-vs-sft-pooled", "settings": {k: first.get(k) for k in POOL_SETTINGS},
+            "sources": sources, "machines": [res["machine"] for res in results], "runs": runs, "repeated_seeds": repeated,
+            "quality_over_seeds": {c: _paired_quality(runs["lmtune"], rs) for c, rs in runs.items() if c != "lmtune"}}
+
+
+def _paired_quality(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> dict[str, Any]:
+    """quality_over_seeds on the seeds both sides ran: an ablation measured on three seeds is set against lmtune's
+    same three, not against all six."""
+    common = {r["seed"] for r in ours} & {r["seed"] for r in theirs}
+    return quality_over_seeds([r for r in ours if r["seed"] in common], [r for r in theirs if r["seed"] in common])
+
+
+def quality_table(q: dict[str, Any], other: str) -> list[str]:
+    """The seed comparison as a markdown table (the legend first)."""
+    lines = ["Mean +- std over training seeds; **equal or better**: lmtune's mean is better, or worse by less than the "
+             "larger seed std; Welch p: two-sided t-test, unequal variances (small p: a gap seed noise rarely gives).", "",
+             f"| measure | lmtune | {other} | equal or better | Welch p |", "|---|---|---|---|---|"]
+    for key, v in q.items():
+        nd = 4 if key == "val_loss" else 2
+        lines.append(f"| {key} ({v['n']} seeds) | {v['lmtune_mean']:.{nd}f} +- {v['lmtune_std']:.{nd}f} "
+                     f"| {v['other_mean']:.{nd}f} +- {v['other_std']:.{nd}f} | {'yes' if v['equal_or_better'] else '**no**'} "
+                     f"| {_fmt(v.get('welch_p'), 3)} |")
+    return lines
+
+
+def pooled_markdown(res: dict[str, Any]) -> str:
+    s = res["settings"]
+    seeds = sorted({r["seed"] for rs in res["runs"].values() for r in rs})
+    lines = [f"## Generation quality over training seeds: lmtune vs TRL SFTTrainer, E2E, {s['rows']} training pairs, "
+             f"batch {s['batch']}, {s['steps']} steps, lr {s['lr']:g}, {s['test_inputs']} test inputs", "",
+             f"Pooled from {', '.join(f'`{Path(x).name}`' for x in res['sources'])} (`python -m bench sft _pool`): "
+             f"training seeds {', '.join(map(str, seeds))}. Quality only; each file has its own speed ratios.", ""]
+    names = [c for c in res["runs"]]
+    lines += ["| seed | " + " | ".join(f"{c} val loss | {c} BLEU | {c} ROUGE-L" for c in names) + " |",
+              "|---|" + "---|---|---|" * len(names)]
+    for seed in seeds:
+        cells = []
+        for c in names:
+            r = next((r for r in res["runs"][c] if r["seed"] == seed), {})
+            cells += [_fmt(r.get("val_loss"), 4), _fmt(r.get("test_bleu")), _fmt(r.get("test_rougeL"))]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    for c, q in res["quality_over_seeds"].items():
+        lines += ["", f"lmtune vs {c}:", ""] + quality_table(q, c)
+    if res["repeated_seeds"]:
+        same = sum(r["same_quality"] for r in res["repeated_seeds"])
+        lines += ["", f"Seeds measured in more than one file: {len(res['repeated_seeds'])} (kept once); identical quality "
+                  f"in {same} of them."]
+    return "\n".join(lines)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -483,13 +581,8 @@ def markdown(res: dict[str, Any]) -> str:
                          "one training seed: the spread across seeds was not measured).")]
             q = r.get("quality_over_seeds")
             if q:
-                lines += ["", "Quality over training seeds (repeat k trains with seed k; mean +- std; **equal or better**: "
-                          "lmtune's mean is better, or worse by less than the larger seed std):", "",
-                          "| measure | lmtune | SFTTrainer | equal or better |", "|---|---|---|---|"]
-                for key, v in q.items():
-                    nd = 4 if key == "val_loss" else 2
-                    lines.append(f"| {key} ({v['n']} seeds) | {v['lmtune_mean']:.{nd}f} +- {v['lmtune_std']:.{nd}f} "
-                                 f"| {v['other_mean']:.{nd}f} +- {v['other_std']:.{nd}f} | {'yes' if v['equal_or_better'] else '**no**'} |")
+                lines += ["", f"Quality over training seeds (repeat k trains with seed {s['seed']}+k-1):", ""]
+                lines += quality_table(q, "SFTTrainer")
     tc = next((r.get("token_check") for rs in res["runs"].values() for r in rs if r.get("token_check")), None)
     if tc:
         diffs = ", ".join(f"{k}: {v}" for k, v in tc["label_differences_on_identical_rows"].items()) or "none"
@@ -647,7 +740,8 @@ def _train_lmtune(spec: dict[str, Any]) -> tuple[dict[str, Any], str]:
     cfg = lmtune.RunConfig(
         data=lmtune.DataConfig(train_file=spec["train_csv"], val_file=spec["val_csv"], task="generation",
                                prompt_column="mr", completion_column="ref"),
-        model=lmtune.ModelConfig(name=spec["model"]),
+        model=lmtune.ModelConfig(name=spec["model"],
+                                 attn_implementation="sdpa" if spec["contender"] == "lmtune-sdpa" else "auto"),
         train=lmtune.TrainConfig(learning_rate=spec["lr"], global_batch_size=spec["batch"], epochs=1, max_steps=spec["steps"],
                                  warmup_ratio=spec["warmup_ratio"], weight_decay=spec["weight_decay"],
                                  max_length=spec["max_length"], seed=spec["seed"], eval_batch_size=spec["eval_batch"],
@@ -901,6 +995,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="training steps (default one epoch: ceil(rows / batch))")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0,
+                   help="training seed (with --seed-per-repeat the first: repeat k trains with seed SEED+k-1); a second "
+                        "run with --seed 3 adds seeds to a first one's, pooled by `python -m bench sft _pool`")
     p.add_argument("--seed-per-repeat", action="store_true",
                    help="repeat k trains every contender with seed k: the quality comparison gets a seed spread "
                         "(default: seed 0 in every repeat, which repeats the same run)")
@@ -937,9 +1034,23 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(res, indent=2, default=str) + "\n")
         path.with_suffix(".md").write_text(markdown(res).rstrip() + "\n")
         return 0
-    if argv[:1] == ["_render"]:  # rebuild the .md of a result file (after a change to the report's wording)
+    if argv[:1] == ["_pool"]:  # _pool OUT_NAME RESULT.json RESULT.json ...: quality over the seeds of several runs
+        sources = argv[2:]
+        try:
+            pooled = pool_seeds([json.loads(Path(x).read_text()) for x in sources], sources)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"python -m bench sft _pool: {exc}", file=sys.stderr)
+            return 2
+        _save(argv[1], pooled, pooled_markdown(pooled))
+        return 0
+    if argv[:1] == ["_render"]:  # rebuild a result's .md (after a change to the report), and its seed statistics
         path = Path(argv[1])
-        path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())).rstrip() + "\n")
+        res = json.loads(path.read_text())
+        if res["settings"].get("seed_per_repeat") and "lmtune" in res["runs"]:
+            for c, r in res["ratios_lmtune_vs"].items():
+                r["quality_over_seeds"] = quality_over_seeds(res["runs"]["lmtune"], res["runs"][c])
+            path.write_text(json.dumps(res, indent=2, default=str) + "\n")
+        path.with_suffix(".md").write_text(markdown(res).rstrip() + "\n")
         return 0
     from bench.common import standalone
 

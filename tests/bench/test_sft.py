@@ -81,6 +81,38 @@ def test_quality_over_seeds_calls_a_gap_within_the_seed_spread_equal():
     assert q["val_loss"]["equal_or_better"]  # 0.01 higher (worse), within the std 0.014
     assert not q["test_rougeL"]["equal_or_better"]  # 3.6 below, std 0.71
     assert sft.quality_over_seeds(ours[:1], theirs[:1]) == {}  # one seed: no spread, no verdict
+    assert q["test_rougeL"]["welch_p"] < q["test_bleu"]["welch_p"]  # the wide gap is the less likely one under noise
+    assert 0.5 < q["test_bleu"]["welch_p"] <= 1.0
+
+
+def _result(seeds: list[int], bleu: dict[str, list[float]], **settings) -> dict:
+    base = {"rows": 400, "val_rows": 200, "test_inputs": 100, "batch": 16, "lr": 5e-5, "steps": 25, "max_length": 128,
+            "warmup_ratio": 0.06, "weight_decay": 0.01, "model": "smollm2-135m-instruct"} | settings
+    runs = {c: [{"seed": k, "val_loss": 1.3, "test_bleu": b, "test_rougeL": 60.0 + k} for k, b in zip(seeds, vals)]
+            for c, vals in bleu.items()}
+    return {"settings": base, "machine": {}, "runs": runs}
+
+
+def test_pooling_two_runs_adds_their_seeds_and_keeps_a_repeated_seed_once():
+    a = _result([0, 1, 2], {"lmtune": [53.5, 51.0, 52.0], "sft-best": [54.6, 53.5, 53.9]})
+    b = _result([2, 3, 4], {"lmtune": [52.0, 54.0, 53.0], "sft-best": [53.9, 52.5, 53.0]})
+    pooled = sft.pool_seeds([a, b], ["a.json", "b.json"])
+    assert [r["seed"] for r in pooled["runs"]["lmtune"]] == [0, 1, 2, 3, 4]
+    q = pooled["quality_over_seeds"]["sft-best"]["test_bleu"]
+    assert q["n"] == 5 and q["lmtune_mean"] == pytest.approx(52.7) and q["other_mean"] == pytest.approx(53.5)
+    assert pooled["repeated_seeds"] == [{"contender": "lmtune", "seed": 2, "sources": ["a.json", "b.json"], "same_quality": True},
+                                        {"contender": "sft-best", "seed": 2, "sources": ["a.json", "b.json"], "same_quality": True}]
+    ablation = sft.pool_seeds([a, _result([0, 1], {"lmtune-x": [50.0, 51.0]})], ["a.json", "c.json"])
+    assert ablation["quality_over_seeds"]["lmtune-x"]["test_bleu"]["lmtune_mean"] == pytest.approx(52.25)  # seeds 0, 1 only
+    text = sft.pooled_markdown(pooled)
+    assert "training seeds 0, 1, 2, 3, 4" in text and "| test_bleu (5 seeds) | 52.70 +- 1.20 | 53.50 +- 0.81 |" in text
+
+
+def test_pooling_refuses_runs_of_another_setting():
+    a = _result([0], {"lmtune": [53.0]})
+    b = _result([1], {"lmtune": [52.0]}, rows=1000)
+    with pytest.raises(ValueError, match="b.json: settings differ from a.json in rows"):
+        sft.pool_seeds([a, b], ["a.json", "b.json"])
 
 
 def _descending_runs(batches: list[list[int]], lengths: list[int]) -> int:
