@@ -2,7 +2,8 @@
 
 The token test builds a real ``SFTTrainer`` (TRL) with the benchmark's own config on a tiny random Llama that shares
 SmolLM2-135M-Instruct's tokenizer, and checks that TRL's prepared rows and lmtune's encoding of the same rows have
-identical input ids, TRL's labels adding only the newline after ``<|im_end|>`` of each row.
+identical input ids, TRL's labels adding only the newline after ``<|im_end|>`` of each row (which the
+``sft-lmtunelabels`` ablation masks).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def test_sft_trainer_sees_lmtune_token_sequences(tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from trl import SFTTrainer
 
-    from lmtune.data.generation import encode_generation
+    from lmtune.data.generation import encode_generation, stop_token_ids
     from lmtune.models import load_tokenizer, resolve
     from lmtune.train.precision import native_bf16_cpu
 
@@ -71,6 +72,14 @@ def test_sft_trainer_sees_lmtune_token_sequences(tmp_path):
     assert trainer.args.bf16 == native_bf16_cpu()
     assert trainer.completion_only_loss and not trainer.args.gradient_checkpointing
     assert trainer.args.train_sampling_strategy == "group_by_length"
+    # the sft-lmtunelabels ablation trains on exactly lmtune's targets, and keeps sft-best's flags
+    cut = sft.labels_end_at_turn_end(ds, stop_token_ids(tok, "auto"))
+    same = sft.compare_tokens(list(zip(cut["input_ids"], cut["labels"])), enc, tok)
+    assert same["identical_labels"] == n and same["target_tokens_trl"] == check["target_tokens_lmtune"]
+    assert same["label_differences_on_identical_rows"] == {}
+    ablation = sft.sft_config(spec, "sft-lmtunelabels", str(tmp_path / "trl2"))
+    assert (ablation.bf16, ablation.train_sampling_strategy, ablation.gradient_checkpointing) == \
+        (trainer.args.bf16, "group_by_length", False)
 
 
 def test_quality_over_seeds_calls_a_gap_within_the_seed_spread_equal():
@@ -139,3 +148,19 @@ def test_trlorder_ablation_orders_batches_as_transformers_does():
     assert sft.transformers_batches(lengths, 16, seed=0, epoch=0) == ours  # deterministic per (seed, epoch)
     assert sft.transformers_batches(lengths, 16, seed=0, epoch=1) != ours
     assert len(sft.transformers_batches(lengths, 16, seed=0, epoch=0, drop_last=True)) == 62
+
+
+def test_pool_runs_from_the_bench_command_line(tmp_path, capsys):
+    import json
+
+    from bench.__main__ import main
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_result([0, 1], {"lmtune": [53.5, 51.0], "sft-best": [54.6, 53.5]})))
+    b.write_text(json.dumps(_result([2], {"lmtune": [52.0], "sft-best": [53.9]})))
+    assert main(["sft", "_pool", str(tmp_path / "pooled"), str(a), str(b)]) == 0
+    pooled = json.loads((tmp_path / "pooled.json").read_text())
+    assert [r["seed"] for r in pooled["runs"]["sft-best"]] == [0, 1, 2]
+    assert "training seeds 0, 1, 2" in (tmp_path / "pooled.md").read_text()
+    assert main(["sft", "_pool", str(tmp_path / "bad"), str(tmp_path / "missing.json")]) == 2
+    assert "python -m bench sft _pool:" in capsys.readouterr().err
