@@ -1026,8 +1026,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training seed (with --seed-per-repeat the first: repeat k trains with seed SEED+k-1); a second "
                         "run with --seed 3 adds seeds to a first one's, pooled by `python -m bench sft _pool`")
     p.add_argument("--seed-per-repeat", action="store_true",
-                   help="repeat k trains every contender with seed k: the quality comparison gets a seed spread "
-                        "(default: seed 0 in every repeat, which repeats the same run)")
+                   help="repeat k trains every contender with seed SEED+k-1: the quality comparison gets a seed "
+                        "spread (default: seed SEED in every repeat, which repeats the same run)")
     p.add_argument("--threads", type=int, help="torch threads in every contender (default torch's); 1 on a busy machine")
     p.add_argument("--contenders", default=",".join(CONTENDERS), help=f"comma-separated, from {', '.join(ALL_CONTENDERS)}")
     p.add_argument("--skip-decode", action="store_true", help="no decoding comparison")
