@@ -24,9 +24,9 @@ import time
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["sft"] and argv[1:2] and argv[1].startswith("_"):  # sft's own verbs: _pool, _render, _merge, ...
-        from bench import sft
-        return sft.main(argv[1:])
+    if argv[:1] in (["sft"], ["gpu"]) and argv[1:2] and argv[1].startswith("_"):  # their own verbs: sft _pool, gpu _assets, ...
+        from importlib import import_module
+        return import_module(f"bench.{argv[0]}").main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("throughput", help="lmtune vs Trainer (defaults, best flags): speed, memory, accuracy, MFU")

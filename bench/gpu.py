@@ -2,6 +2,10 @@
 
     python -m bench gpu --out bench/results            # on a CUDA machine (~4-5 min on one H100)
     python -m bench gpu --tiny --out /tmp/gpu-tiny      # the same code paths on CPU, tiny model (~2 min, 2 cores)
+    python -m bench gpu _merge OUT.json A.json B.json   # one result from runs of the same machine (--parts for what
+                                                        # A's budget skipped); the .md is written beside OUT.json
+    python -m bench gpu _assets [DIR]                   # write .gpu-assets/ (configs, tokenizers, data) for a machine
+                                                        # with no network, from the models converted here
 
 What it runs, each contender in a fresh process (``python -m bench.gpu _worker SPEC``), contenders alternating
 which goes first from one comparison to the next, each comparison in order of priority until ``--budget`` runs out:
@@ -1007,10 +1011,63 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=str(ASSETS / "data"), help="folder with sst2/{train,validation}.tsv and e2e_nlg/{train,test}.csv")
 
 
+def write_assets(target: Path) -> dict[str, str]:
+    """``.gpu-assets/`` for a machine with no network: the two offline models' config.json + tokenizer files (from
+    the converted folders ``lmtune.models.source.resolve`` caches here) and the SST-2 and E2E files the run reads."""
+    from bench.common import data_dir
+    from lmtune.models.source import resolve
+
+    written = {}
+    for shape, alias in (("smollm2", "smollm2-135m-instruct"), ("gemma3", "gemma-3-270m")):
+        src, dst = Path(resolve(alias).path), target / shape
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json",) + TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, dst / name)
+        written[shape] = str(dst)
+    for name, files in (("sst2", ("train.tsv", "validation.tsv")), ("e2e_nlg", ("train.csv", "test.csv"))):
+        (target / "data" / name).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy2(data_dir() / name / f, target / "data" / name / f)
+    written["data"] = str(target / "data")
+    return written
+
+
+def merge_runs(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs on one machine (e.g. ``--parts`` for what a first run's budget skipped) as one result: a later
+    run's parts replace the earlier ones', a skip stays only if no run measured that part, seconds add up."""
+    if len({(r["machine"].get("gpu"), r["machine"].get("torch"), r["machine"].get("transformers")) for r in results}) > 1:
+        raise SystemExit("python -m bench gpu _merge: the runs come from different machines or library versions")
+    out = json.loads(json.dumps(results[0]))
+    for r in results[1:]:
+        for pid, part in r["parts"].items():
+            if part["contenders"]:
+                out["parts"][pid] = part
+        out["errors"] += r["errors"]
+        out["skipped"] += r["skipped"]
+        out["models"] |= r["models"]
+        out["seconds"] = round(out["seconds"] + r["seconds"], 1)
+        out["finished"] = r["finished"]
+    out["skipped"] = [k for k in out["skipped"] if k.get("contender") not in out["parts"].get(k["part"], {}).get("contenders", {})]
+    out["started"] = " + ".join(r["started"] for r in results)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_worker"]:
         return worker_main(argv[1])
+    if argv[:1] == ["_merge"] and len(argv) >= 4:  # _merge OUT.json RUN1.json RUN2.json ...: one result, .md beside it
+        merged = merge_runs([json.loads(Path(f).read_text()) for f in argv[2:]])
+        out = Path(argv[1])
+        out.write_text(json.dumps(merged, indent=2, default=str) + "\n")
+        out.with_suffix(".md").write_text(markdown(merged).rstrip() + "\n")
+        print(f"wrote {out} and {out.with_suffix('.md')}")
+        return 0
+    if argv[:1] == ["_assets"]:  # run where the models are converted; carry the folder to a machine with no network
+        for k, v in write_assets(Path(argv[1]) if len(argv) > 1 else ASSETS).items():
+            print(f"{k}: {v}")
+        return 0
     p = argparse.ArgumentParser(prog="python -m bench gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return run(p.parse_args(argv))

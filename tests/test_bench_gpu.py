@@ -119,3 +119,44 @@ def test_markdown_shows_failures_and_partial_results():
     md = gpu.markdown(res)
     assert "FAILED: RuntimeError: boom" in md and "skipped gen-gemma3" in md and "cut short" in md
     assert gpu.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_merge_keeps_what_each_run_measured_and_drops_skips_a_later_run_filled():
+    from bench import gpu
+    machine = {"device": "cuda", "gpu": "NVIDIA H200", "torch": "2.11", "transformers": "5.17"}
+    first = {"started": "t1", "finished": "t1e", "seconds": 300.0, "machine": machine, "models": {"smollm2": {"params": 1}},
+             "parts": {"cls-smollm2": {"kind": "train", "contenders": {"lmtune": {"median_s_per_step": 0.1}}},
+                       "gen-gemma3": {"kind": "train", "contenders": {}}},
+             "errors": [], "skipped": [{"part": "gen-gemma3", "contender": "lmtune", "why": "budget: 30 s left"},
+                                       {"part": "study-smollm2", "contender": "study", "why": "budget: 30 s left"}]}
+    second = {"started": "t2", "finished": "t2e", "seconds": 127.0, "machine": machine, "models": {"gemma3": {"params": 2}},
+              "parts": {"gen-gemma3": {"kind": "train", "contenders": {"lmtune": {"median_s_per_step": 0.2}}}},
+              "errors": [{"part": "gen-gemma3", "contender": "trainer", "error": "boom"}], "skipped": []}
+    merged = gpu.merge_runs([first, second])
+    assert merged["parts"]["cls-smollm2"]["contenders"]["lmtune"]["median_s_per_step"] == 0.1
+    assert merged["parts"]["gen-gemma3"]["contenders"]["lmtune"]["median_s_per_step"] == 0.2
+    assert merged["skipped"] == [{"part": "study-smollm2", "contender": "study", "why": "budget: 30 s left"}]
+    assert merged["errors"] == second["errors"] and merged["seconds"] == 427.0
+    assert set(merged["models"]) == {"smollm2", "gemma3"} and merged["started"] == "t1 + t2"
+    assert first["parts"]["gen-gemma3"]["contenders"] == {}  # the inputs are not changed
+    with pytest.raises(SystemExit, match="different machines"):
+        gpu.merge_runs([first, dict(second, machine=dict(machine, gpu="NVIDIA H100"))])
+
+
+def test_merge_from_the_bench_command_line(tmp_path):
+    from bench.__main__ import main
+    machine = {"device": "cuda", "gpu": "NVIDIA H200", "torch": "2.11", "transformers": "5.17", "cpu_count": 16}
+    settings = {"tiny": False, "batch": 32, "lr": 1e-4, "warmup_ratio": 0.06, "weight_decay": 0.01, "steps": 30,
+                "warmup_steps": 2, "cls": {"rows": 4000, "max_length": 64}, "gen": {"rows": 3000, "max_length": 128}}
+    runs = []
+    for k, part in enumerate(("cls-smollm2", "cls-gemma3")):
+        res = {"started": f"t{k}", "finished": f"t{k}e", "seconds": 10.0, "machine": machine, "settings": settings,
+               "models": {}, "errors": [], "skipped": [],
+               "parts": {part: {"kind": "train", "shape_name": part, "contenders": {"lmtune": {"median_s_per_step": 0.1 + k}}}}}
+        runs.append(tmp_path / f"run{k}.json")
+        runs[-1].write_text(json.dumps(res))
+    out = tmp_path / "merged.json"
+    assert main(["gpu", "_merge", str(out), *map(str, runs)]) == 0
+    assert set(json.loads(out.read_text())["parts"]) == {"cls-smollm2", "cls-gemma3"}
+    md = out.with_suffix(".md").read_text()
+    assert "| cls-smollm2 |" in md and "| cls-gemma3 |" in md and "t0 + t1" in md
