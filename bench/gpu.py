@@ -53,6 +53,7 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +89,13 @@ def settings(ns: argparse.Namespace) -> dict[str, Any]:
     s: dict[str, Any] = {
         "tiny": tiny, "device": ns.device or ("cpu" if tiny else "cuda"),
         "steps": 4 if tiny else 30, "warmup_steps": 1 if tiny else 2, "batch": 32, "eval_batch": 64,
-        "lr": 1e-4, "warmup_ratio": 0.06, "weight_decay": 0.01, "seed": 0,
+        "lr": 1e-4, "warmup_ratio": 0.06, "weight_decay": 0.01, "seed": getattr(ns, "seed", 0),
         "cls": {"rows": 128 if tiny else 4000, "val_rows": 64 if tiny else None, "max_length": 64},
         "gen": {"rows": 96 if tiny else 3000, "val_rows": 32 if tiny else None, "max_length": 128},
         "decode": {"prompts": 8 if tiny else 128, "max_new_tokens": 6 if tiny else 48, "batch": 4 if tiny else 32},
         "study": {"trials": 3, "steps": 2 if tiny else 20, "rows": 96 if tiny else 4000, "val_rows": 48 if tiny else 872},
         "budget_s": ns.budget if ns.budget is not None else (900.0 if tiny else 330.0),
+        "count_syncs": bool(getattr(ns, "count_syncs", False)),
     }
     if tiny:
         s["batch"], s["eval_batch"] = 8, 16
@@ -162,6 +164,34 @@ def build_model(asset_dir: Path, target: Path, tiny: bool, seed: int = 0) -> dic
 
 
 # ---- worker: one contender in its own process ------------------------------------------------------------------
+
+
+@contextmanager
+def count_syncs(enabled: bool):
+    """Count the host-device synchronisations of the code inside, by the Python line that asked for each (torch's
+    sync debug mode warns once per synchronising call: ``.item()``, ``float(tensor)``, a boolean-mask index, ...).
+    Yields ``{"total": n, "sites": {"file.py:line": n, ...}}``, filled on exit; empty when not enabled."""
+    import warnings
+
+    import torch
+
+    counts: dict[str, Any] = {}
+    if not enabled or not torch.cuda.is_available():
+        yield counts
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield counts
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            key = f"{Path(w.filename).name}:{w.lineno}"
+            sites[key] = sites.get(key, 0) + 1
+    counts |= {"total": sum(sites.values()), "sites": dict(sorted(sites.items(), key=lambda kv: -kv[1]))}
 
 
 def _sync(device: str) -> None:
@@ -301,8 +331,11 @@ def worker_lmtune(spec: dict[str, Any]) -> dict[str, Any]:
                            train=lmtune.TrainConfig(**train_kw), output_dir=spec["workdir"] + "/run", overwrite=True,
                            report=False)
     t0 = time.time()
-    res = lmtune.train(cfg, quiet=False)
+    with count_syncs(spec.get("count_syncs", False)) as syncs:
+        res = lmtune.train(cfg, quiet=False)
     out["run_wall_s"] = time.time() - t0
+    if syncs:
+        out["syncs"] = syncs
     rec = res.record
     last = rec["history"][-1]
     if not hooked or not clock.stamps:
@@ -445,8 +478,11 @@ def worker_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, data_collator=collator,
                       compute_metrics=metrics, callbacks=[Timer()])
     t0 = time.time()
-    trainer.train()
+    with count_syncs(spec.get("count_syncs", False)) as syncs:
+        trainer.train()
     t_train = time.time() - t0
+    if syncs:
+        out["syncs"] = syncs
     t1 = time.time()
     ev = trainer.evaluate()
     _sync(device)
@@ -802,7 +838,7 @@ def run(ns: argparse.Namespace) -> int:
         env["CUDA_VISIBLE_DEVICES"] = ""
     base = {"device": device, "tiny": s["tiny"], "tmp_root": str(tmp_root), "data": files,
             **{k: s[k] for k in ("steps", "warmup_steps", "batch", "eval_batch", "lr", "warmup_ratio", "weight_decay", "seed",
-                                 "cls", "gen", "decode", "study")}}
+                                 "cls", "gen", "decode", "study", "count_syncs")}}
     parts = plan(s, ns.parts.split(",") if ns.parts else None, info.get("flash_attn_installed", False) and device == "cuda")
     built: dict[str, str] = {}
 
@@ -905,7 +941,7 @@ def markdown(res: dict[str, Any]) -> str:
              f"flash-attn installed: {m.get('flash_attn_installed')}.", "",
              RANDOM_WEIGHTS_NOTE, "",
              f"Training: batch {s['batch']}, lr {s['lr']:g} (linear, warmup {s['warmup_ratio']:g}), weight decay {s['weight_decay']}, "
-             f"{s['steps']} steps, the first {s['warmup_steps']} excluded as warm-up; classification: SST-2 sample "
+             f"{s['steps']} steps, the first {s['warmup_steps']} excluded as warm-up, training seed {s.get('seed', 0)}; classification: SST-2 sample "
              f"({s['cls']['rows']} training rows, max length {s['cls']['max_length']}); generation: E2E sample "
              f"({s['gen']['rows']} training rows, max length {s['gen']['max_length']}). Each contender in its own process; "
              "peak memory = `torch.cuda.max_memory_allocated()` after training (train) and after the final evaluation (all).", ""]
@@ -943,6 +979,15 @@ def markdown(res: dict[str, Any]) -> str:
             lines += ["", "Trainer flags: " + ", ".join(f"`{k}={flags[k]}`" for k in keep if k in flags)
                       + "; `attn_implementation=\"sdpa\"` at loading; `DataCollatorWithPadding(pad_to_multiple_of=8)` "
                       "(classification) or a -100-on-prompt collator (generation, `prediction_loss_only=True`)."]
+        counted = [(pid, p["shape_name"], c, r["syncs"]) for pid, p in train_parts for c, r in p["contenders"].items()
+                   if r.get("syncs")]
+        if counted:
+            lines += ["", f"Host-device synchronisations while training ({s['steps']} steps and the evaluations inside the "
+                      "training call; `--count-syncs`: this run's times are slowed by the counting), by the line that asked:",
+                      "", "| part | model | contender | synchronisations | per step | where (most first) |", "|---|---|---|---|---|---|"]
+            for pid, shape, c, n in counted:
+                where = ", ".join(f"`{k}` {v}" for k, v in list(n["sites"].items())[:5])
+                lines.append(f"| {pid} | {shape} | {c} | {n['total']} | {fmt(n['total'] / max(1, s['steps']), 1)} | {where} |")
     for pid, p in res["parts"].items():
         if p["kind"] == "decode":
             r = p["contenders"].get("decode", {})
@@ -1005,6 +1050,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-rows", type=int, help="validation rows of every part (default the whole sample files)")
     p.add_argument("--prompts", type=int, help="prompts of the decoding comparison (default 128; --tiny 8)")
     p.add_argument("--budget", type=float, help="seconds for the whole run; parts that would start later are skipped (default 330)")
+    p.add_argument("--seed", type=int, default=0, help="training seed of every contender (batches, head init; default 0)")
+    p.add_argument("--count-syncs", action="store_true",
+                   help="count each contender's host-device synchronisations while it trains, by source line (CUDA's sync "
+                        "debug mode: slows the run, so its times are not comparable with a run without it)")
     p.add_argument("--parts", help="comma-separated subset: cls-smollm2, cls-gemma3, gen-smollm2, decode-smollm2, study-smollm2, gen-gemma3")
     p.add_argument("--model-dir", default=str(ASSETS / "smollm2"), help="config.json + tokenizer files of SmolLM2-135M")
     p.add_argument("--gemma-dir", default=str(ASSETS / "gemma3"), help="config.json + tokenizer files of Gemma 3 270M")

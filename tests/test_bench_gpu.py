@@ -160,3 +160,27 @@ def test_merge_from_the_bench_command_line(tmp_path):
     assert set(json.loads(out.read_text())["parts"]) == {"cls-smollm2", "cls-gemma3"}
     md = out.with_suffix(".md").read_text()
     assert "| cls-smollm2 |" in md and "| cls-gemma3 |" in md and "t0 + t1" in md
+
+
+def test_markdown_lists_the_synchronisations_a_counting_run_found():
+    from bench import gpu
+    res = {"started": "now", "finished": "later", "seconds": 12.0, "settings": {"tiny": False, "batch": 32, "lr": 1e-4,
+           "warmup_ratio": 0.06, "weight_decay": 0.01, "steps": 30, "warmup_steps": 2, "cls": {"rows": 4000, "max_length": 64},
+           "gen": {"rows": 3000, "max_length": 128}},
+           "machine": {"device": "cuda", "gpu": "NVIDIA H200", "torch": "2.11"},
+           "parts": {"gen-gemma3": {"kind": "train", "shape_name": "Gemma 3 270M", "contenders": {
+               "lmtune": {"median_s_per_step": 0.15, "syncs": {"total": 90, "sites": {"loop.py:466": 30, "loop.py:428": 30,
+                                                                                      "generation.py:224": 30}}},
+               "trainer": {"median_s_per_step": 0.1, "syncs": {}}}}},
+           "errors": [], "skipped": []}
+    md = gpu.markdown(res)
+    assert "| gen-gemma3 | Gemma 3 270M | lmtune | 90 | 3.0 | `loop.py:466` 30, `loop.py:428` 30, `generation.py:224` 30 |" in md
+    assert "| gen-gemma3 | Gemma 3 270M | trainer |" not in md.split("Host-device")[1]
+
+
+def test_counting_synchronisations_is_a_no_op_without_cuda():
+    from bench import gpu
+    with gpu.count_syncs(True) as n:
+        import torch
+        float(torch.ones(2).sum())
+    assert n == {}
