@@ -85,12 +85,15 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
 CONTENDERS = ("lmtune", "sft-best")
 ALL_CONTENDERS = ("lmtune", "sft-best", "sft-padding-free", "sft-default", "lmtune-autocast", "lmtune-mega4",
-                  "lmtune-trlorder", "lmtune-sdpa", "sft-lmtunelabels")
+                  "lmtune-trlorder", "lmtune-sdpa", "sft-lmtunelabels", "lmtune-trlbatches", "sft-lmtunerows")
 SFT_FLAGS = {
     "lmtune-autocast": "lmtune.train defaults but --precision bf16 (autocast over fp32 weights, as TRL trains)",
     "lmtune-mega4": "lmtune.train defaults but length groups over at least 4 mega-batches (transformers' rule)",
     "lmtune-trlorder": "lmtune.train defaults but transformers' length-grouped batch order (descending runs, no shuffle)",
     "lmtune-sdpa": "lmtune.train defaults but SDPA attention (TRL's), not lmtune_eager (bf16 softmax backward)",
+    "lmtune-trlbatches": "lmtune.train defaults but the very batches sft-best drew with the same seed, in its order",
+    "sft-lmtunerows": "as sft-best, but trained and evaluated on lmtune's tokenised rows (over-long rows cut at the "
+                      "prompt's start, no target after the end-of-turn token)",
     "sft-best": "bf16 (native bf16 CPUs; fp32 elsewhere), completion-only loss, group_by_length, no gradient checkpointing",
     "sft-lmtunelabels": "as sft-best, but no target after the end-of-turn token (lmtune's labels: the newline after "
                         "<|im_end|> masked)",
@@ -159,7 +162,7 @@ def sft_config(spec: dict[str, Any], variant: str, output_dir: str) -> Any:
         report_to="none", save_strategy="no", logging_strategy="no", eval_strategy="no", disable_tqdm=True,
         use_cpu=True, dataloader_num_workers=0, max_length=spec["max_length"], completion_only_loss=True, bf16=True)
     best_precision = dict(bf16=native_bf16_cpu())  # TRL's fastest precision on this CPU, as lmtune's auto picks its own
-    if variant in ("sft-best", "sft-lmtunelabels"):
+    if variant in ("sft-best", "sft-lmtunelabels", "sft-lmtunerows"):
         kw |= dict(train_sampling_strategy="group_by_length", gradient_checkpointing=False, **best_precision)
     elif variant == "sft-padding-free":
         kw |= dict(padding_free=True, max_length=None, gradient_checkpointing=False, **best_precision)
@@ -180,6 +183,29 @@ def labels_end_at_turn_end(dataset: Any, end_ids: list[int]) -> Any:
         return {"labels": labels}
 
     return dataset.map(cut)
+
+
+def with_rows(dataset: Any, enc: Any) -> Any:
+    """TRL's prepared rows replaced by lmtune's encoding of the same rows (input ids and labels, row for row)."""
+    if len(dataset) != len(enc):
+        raise ValueError(f"TRL kept {len(dataset)} rows, lmtune encoded {len(enc)}: the rows cannot be matched")
+    return dataset.map(lambda row, i: {"input_ids": list(enc.input_ids[i]), "labels": list(enc.labels[i])},
+                       with_indices=True)
+
+
+class RecordingSampler:
+    """A sampler that yields what ``inner`` yields and appends each index to ``seen`` (TRL's exact batch order)."""
+
+    def __init__(self, inner: Any, seen: list[int]):
+        self.inner, self.seen = inner, seen
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self):
+        for i in self.inner:
+            self.seen.append(int(i))
+            yield i
 
 
 def compare_tokens(trl_rows: list[tuple[list[int], list[int]]], enc: Any, tokenizer: Any) -> dict[str, Any]:
@@ -314,11 +340,20 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         keep = work / "decode-model"
         for rep in range(s["repeats"]):
             order = contenders if rep % 2 == 0 else tuple(reversed(contenders))
+            if "lmtune-trlbatches" in order:  # it trains on the batches sft-best drew with the same seed
+                order = tuple(sorted(order, key=lambda c: c != "sft-best"))
             for c in order:
                 print(f"[sft] repeat {rep + 1}/{s['repeats']}: {c} ...", flush=True)
                 last_lmtune = c == "lmtune" and rep == s["repeats"] - 1
                 seed = s["seed"] + rep if s["seed_per_repeat"] else s["seed"]
-                r = run_worker(base | {"contender": c, "seed": seed, "keep_model": str(keep) if last_lmtune else None}, work, c)
+                extra = {}
+                if c == "lmtune-trlbatches":
+                    drawn = [r["train_order"] for r in runs.get("sft-best", []) if r.get("seed") == seed]
+                    if not drawn:
+                        raise SystemExit("lmtune-trlbatches trains on sft-best's batches: add sft-best to --contenders")
+                    extra["trl_order"] = drawn[-1]
+                r = run_worker(base | extra | {"contender": c, "seed": seed, "keep_model": str(keep) if last_lmtune else None},
+                               work, c)
                 r["seed"] = seed
                 runs[c].append(r)
                 print(f"    {_fmt(r['median_s_per_step'])} s/step, epoch {_fmt(r['epoch_s'], 1)} s, "
@@ -792,6 +827,26 @@ def _train_lmtune(spec: dict[str, Any]) -> tuple[dict[str, Any], str]:
                                         self.epoch if epoch is None else epoch, self.drop_last)
 
         LengthGroupedSampler.batches = transformers_order
+    fed: list[list[int]] = []
+    if spec["contender"] == "lmtune-trlbatches":
+        from lmtune.data.batching import LengthGroupedSampler
+        trl_order = [int(i) for i in spec["trl_order"]]
+
+        lmtune_batches = LengthGroupedSampler.batches
+
+        def trl_batches(self, epoch=None):  # this worker process only: the batches sft-best drew, in its order
+            if not (self.shuffle and self.group_by_length):  # evaluation batches stay lmtune's
+                return lmtune_batches(self, epoch)
+            return [trl_order[k: k + self.batch_size] for k in range(0, len(trl_order), self.batch_size)]
+
+        LengthGroupedSampler.batches = trl_batches
+        step_rows = loop._optimizer_step
+
+        def record_rows(s_, st, step_batch, first_batch):
+            fed.append([int(i) for i in step_batch])
+            return step_rows(s_, st, step_batch, first_batch)
+
+        loop._optimizer_step = record_rows
     t0 = time.time()
     res = lmtune.train(cfg, on_evaluate=on_eval, quiet=True)
     rec = res.record
@@ -802,6 +857,9 @@ def _train_lmtune(spec: dict[str, Any]) -> tuple[dict[str, Any], str]:
             "val_pass_s": rec["timing"]["eval_seconds"], "own_val_loss": rec["history"][-1]["val_loss"],
             "peak_rss_mb": rss[-1] if rss else _rss_mb(), "train_call_s": time.time() - t0,
             "train_rows": rec["data"]["rows"]["train"]}
+    if spec["contender"] == "lmtune-trlbatches":
+        trl = [int(i) for i in spec["trl_order"]]
+        out["batches_match_trl"] = fed == [trl[k: k + spec["batch"]] for k in range(0, len(trl), spec["batch"])][: len(fed)]
     return out, out_dir
 
 
@@ -826,8 +884,15 @@ def _train_sft(spec: dict[str, Any], variant: str) -> tuple[dict[str, Any], str]
         end_ids = stop_token_ids(tok, "auto")
         trainer.train_dataset = labels_end_at_turn_end(trainer.train_dataset, end_ids)
         trainer.eval_dataset = labels_end_at_turn_end(trainer.eval_dataset, end_ids)
+    lm_tok = load_tokenizer(spec["model_path"])
+    lm_enc = encode_generation(lm_tok, train_table, spec["max_length"])
+    if variant == "sft-lmtunerows":
+        trainer.train_dataset = with_rows(trainer.train_dataset, lm_enc)
+        trainer.eval_dataset = with_rows(trainer.eval_dataset, encode_generation(lm_tok, val_table, spec["max_length"]))
     ds = trainer.train_dataset
-    lm_enc = encode_generation(load_tokenizer(spec["model_path"]), train_table, spec["max_length"])
+    order: list[int] = []  # every training index the sampler yields, in order (its draws use the global torch RNG)
+    make_sampler = trainer._get_train_sampler
+    trainer._get_train_sampler = lambda *a, **k: RecordingSampler(make_sampler(*a, **k), order)
     token_check = compare_tokens(list(zip(ds["input_ids"], ds["labels"])), lm_enc, tok)
 
     counts = {"tokens": 0, "targets": 0, "padded": 0}
@@ -842,6 +907,9 @@ def _train_sft(spec: dict[str, Any], variant: str) -> tuple[dict[str, Any], str]
                 counts["targets"] += int((labels != -100).sum())
 
     model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    batch_widths: list[int] = []
+    model.register_forward_pre_hook(lambda m, a_, kw: batch_widths.append(int(kw["input_ids"].shape[1])) if m.training
+                                    else None, with_kwargs=True)
     starts: list[float] = []
     ends: list[float] = []
     cpu_starts: list[float] = []
@@ -879,6 +947,11 @@ def _train_sft(spec: dict[str, Any], variant: str) -> tuple[dict[str, Any], str]
             "train_call_s": t1 - t0, "train_rows": len(ds), "token_check": token_check,
             "gradient_checkpointing": bool(args.gradient_checkpointing), "optim": str(args.optim),
             "torch_threads": torch.get_num_threads()}
+    n = spec["steps"] * spec["batch"]
+    out["train_order"] = order[:n]
+    # The recorded order is what the model was fed if each batch's padded width is its longest recorded row.
+    widths = [max(len(ds[i]["input_ids"]) for i in order[k: k + spec["batch"]]) for k in range(0, len(order[:n]), spec["batch"])]
+    out["train_order_matches_batches"] = widths == batch_widths[: len(widths)]
     return out, out_dir
 
 

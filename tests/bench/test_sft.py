@@ -61,6 +61,16 @@ def test_sft_trainer_sees_lmtune_token_sequences(tmp_path):
     trainer = SFTTrainer(model=model, args=sft.sft_config(spec, "sft-best", str(tmp_path / "trl")),
                          train_dataset=sft.sft_dataset(table), processing_class=tok)
     ds = trainer.train_dataset
+    # the sampler TRL trains with, recorded (before another TrainingArguments resets accelerate's state): the batches the model was fed, in order
+    seen: list[int] = []
+    widths: list[int] = []
+    make = trainer._get_train_sampler
+    trainer._get_train_sampler = lambda *a, **k: sft.RecordingSampler(make(*a, **k), seen)
+    model.register_forward_pre_hook(lambda m, a_, kw: widths.append(kw["input_ids"].shape[1]) if m.training else None,
+                                    with_kwargs=True)
+    trainer.train()
+    assert sorted(seen[:8]) == list(range(8))
+    assert widths == [max(len(ds[i]["input_ids"]) for i in seen[k: k + 4]) for k in (0, 4)]
     enc = encode_generation(load_tokenizer(path), table, 128)
     check = sft.compare_tokens(list(zip(ds["input_ids"], ds["labels"])), enc, tok)
     n = len(table)
@@ -80,6 +90,14 @@ def test_sft_trainer_sees_lmtune_token_sequences(tmp_path):
     ablation = sft.sft_config(spec, "sft-lmtunelabels", str(tmp_path / "trl2"))
     assert (ablation.bf16, ablation.train_sampling_strategy, ablation.gradient_checkpointing) == \
         (trainer.args.bf16, "group_by_length", False)
+    # sft-lmtunerows: TRL's rows replaced by lmtune's, row for row, also where lmtune cuts the prompt's start
+    short = encode_generation(load_tokenizer(path), table, 40)
+    assert short.cut, "max length 40 must cut some E2E rows"
+    swapped = sft.with_rows(ds, short)
+    same = sft.compare_tokens(list(zip(swapped["input_ids"], swapped["labels"])), short, tok)
+    assert same["identical_input_ids"] == same["identical_labels"] == n
+    with pytest.raises(ValueError, match="cannot be matched"):
+        sft.with_rows(ds.select(range(n - 1)), short)
 
 
 def test_quality_over_seeds_calls_a_gap_within_the_seed_spread_equal():
