@@ -46,6 +46,13 @@ goes first from one repeat to the next:
   the two train on (the token check of every run shows identical input ids). On seeds 0 and 1 it moved TRL's
   validation loss by +0.0003 and +0.0005 (1.3275, 1.3352 against sft-best's 1.3272, 1.3347), a twentieth of the
   gap to lmtune: the newline is ruled out too.
+* ``lmtune-trlbatches`` (ablation): ``lmtune`` trained on the very batches ``sft-best`` drew with the same seed, in its
+  order (TRL's sampler draws from the global torch RNG, so its indices are recorded as it yields them, and checked
+  against the padded width of every batch the model was fed); ``sft-best`` runs first in each repeat. On seed 0 (an
+  AVX2-only EPYC, TRL in fp32) it reached sft-best's validation loss, 1.3196 against 1.3197 (lmtune: 1.3258).
+* ``sft-lmtunerows`` (ablation): ``sft-best`` trained and evaluated on lmtune's tokenised rows (the over-long rows cut
+  at the prompt's start, as lmtune cuts them, and no target after the end-of-turn token), TRL's batches: 1.3196 on
+  seed 0, with test outputs identical to ``lmtune-trlbatches``'. Same batches, same model: the gap is the batches.
 
 Per process: s/step (median over steps 2..S, step 1 is the warm-up; a step is the time between two optimizer-step
 ends, data loading included), tokens/s (target tokens and all non-pad tokens, counted from what the model was fed),
