@@ -168,9 +168,10 @@ def build_model(asset_dir: Path, target: Path, tiny: bool, seed: int = 0) -> dic
 
 @contextmanager
 def count_syncs(enabled: bool):
-    """Count the host-device synchronisations of the code inside, by the Python line that asked for each (torch's
-    sync debug mode warns once per synchronising call: ``.item()``, ``float(tensor)``, a boolean-mask index, ...).
-    Yields ``{"total": n, "sites": {"file.py:line": n, ...}}``, filled on exit; empty when not enabled."""
+    """Collect the host-device synchronisations that torch's sync debug mode reports inside, by the Python line that
+    asked for each (one warning per synchronising call: ``.item()``, ``float(tensor)``, a boolean-mask index, ...).
+    The mode itself is switched on by ``StepClock`` inside each training step only. Yields ``{"total": n, "sites":
+    {"folder/file.py:line": n, ...}}``, filled on exit; empty when not enabled or without CUDA."""
     import warnings
 
     import torch
@@ -181,17 +182,17 @@ def count_syncs(enabled: bool):
         return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
         try:
             yield counts
-        finally:
+        finally:  # also when a step raised inside the window
             torch.cuda.set_sync_debug_mode("default")
-    sites: dict[str, int] = {}
-    for w in caught:
-        if "synchroniz" in str(w.message):
-            key = f"{Path(w.filename).name}:{w.lineno}"
-            sites[key] = sites.get(key, 0) + 1
-    counts |= {"total": sum(sites.values()), "sites": dict(sorted(sites.items(), key=lambda kv: -kv[1]))}
+            sites: dict[str, int] = {}
+            for w in caught:
+                if "synchroniz" in str(w.message):
+                    f = Path(w.filename)
+                    key = f"{f.parent.name}/{f.name}:{w.lineno}"
+                    sites[key] = sites.get(key, 0) + 1
+            counts |= {"total": sum(sites.values()), "sites": dict(sorted(sites.items(), key=lambda kv: -kv[1]))}
 
 
 def _sync(device: str) -> None:
@@ -213,8 +214,11 @@ def _memory(device: str) -> dict[str, float | None]:
 class StepClock:
     """Step-boundary timestamps and per-step token counts; synchronises only after the warm-up and the last step."""
 
-    def __init__(self, device: str, total: int, warmup: int):
+    def __init__(self, device: str, total: int, warmup: int, count_syncs: bool = False):
         self.device, self.total, self.warmup = device, total, warmup
+        # --count-syncs: CUDA's sync debug mode is on inside each step only (begin..end), the same window for both
+        # contenders (not model loading, saving or the final evaluation); count_syncs() collects the warnings.
+        self.count_syncs = count_syncs and device == "cuda"
         self.stamps: list[float] = []
         self.tokens: list[Any] = []   # per step: ints, or 0-dim tensors summed lazily (no sync per step)
         self.padded: list[int] = []
@@ -223,6 +227,9 @@ class StepClock:
         self.train_memory: dict[str, Any] = {}
 
     def begin(self) -> None:
+        if self.count_syncs:
+            import torch
+            torch.cuda.set_sync_debug_mode("warn")
         if not self.stamps:
             _sync(self.device)
             self.stamps.append(time.perf_counter())
@@ -232,6 +239,9 @@ class StepClock:
         self._pad += int(padded)
 
     def end(self) -> None:
+        if self.count_syncs:
+            import torch
+            torch.cuda.set_sync_debug_mode("default")
         k = len(self.stamps)  # the step that just finished (stamps[0] is the start of step 1)
         if k == self.warmup or k >= self.total:
             _sync(self.device)
@@ -299,7 +309,7 @@ def worker_lmtune(spec: dict[str, Any]) -> dict[str, Any]:
     import lmtune
     loop = importlib.import_module("lmtune.train.loop")
     part, device = spec["task"], spec["device"]
-    clock = StepClock(device, spec["steps"], spec["warmup_steps"])
+    clock = StepClock(device, spec["steps"], spec["warmup_steps"], spec.get("count_syncs", False))
     out: dict[str, Any] = {"contender": spec["contender"]}
     # Step boundaries and token counts from the loop's own functions; should they be renamed, the timing falls back
     # to the loop's per-step log (train_log, log_every_steps=1), which times the same steps without the sampler.
@@ -458,7 +468,7 @@ def worker_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     model.config.pad_token_id = tok.pad_token_id
     model.config.use_cache = False
 
-    clock = StepClock(device, spec["steps"], spec["warmup_steps"])
+    clock = StepClock(device, spec["steps"], spec["warmup_steps"], spec.get("count_syncs", False))
 
     def count(module, args, kwargs):
         if module.training:
@@ -982,8 +992,9 @@ def markdown(res: dict[str, Any]) -> str:
         counted = [(pid, p["shape_name"], c, r["syncs"]) for pid, p in train_parts for c, r in p["contenders"].items()
                    if r.get("syncs")]
         if counted:
-            lines += ["", f"Host-device synchronisations while training ({s['steps']} steps and the evaluations inside the "
-                      "training call; `--count-syncs`: this run's times are slowed by the counting), by the line that asked:",
+            lines += ["", f"Host-device synchronisations inside the {s['steps']} training steps (from the start of a step to "
+                      "the end of its optimizer step; `--count-syncs`: this run's times are slowed by the counting), by the "
+                      "line that asked:",
                       "", "| part | model | contender | synchronisations | per step | where (most first) |", "|---|---|---|---|---|---|"]
             for pid, shape, c, n in counted:
                 where = ", ".join(f"`{k}` {v}" for k, v in list(n["sites"].items())[:5])
@@ -1087,17 +1098,32 @@ def merge_runs(results: list[dict[str, Any]]) -> dict[str, Any]:
     run's parts replace the earlier ones', a skip stays only if no run measured that part, seconds add up."""
     if len({(r["machine"].get("gpu"), r["machine"].get("torch"), r["machine"].get("transformers")) for r in results}) > 1:
         raise SystemExit("python -m bench gpu _merge: the runs come from different machines or library versions")
+    def same(r):  # what makes two runs' numbers comparable: all settings but the time budget
+        return json.dumps({k: v for k, v in (r.get("settings") or {}).items() if k != "budget_s"}, sort_keys=True)
+    if len({same(r) for r in results}) > 1:
+        raise SystemExit("python -m bench gpu _merge: the runs differ in settings other than --budget (seed, steps, "
+                         "rows, --count-syncs, ...), so their numbers do not belong in one table")
     out = json.loads(json.dumps(results[0]))
     for r in results[1:]:
         for pid, part in r["parts"].items():
-            if part["contenders"]:
-                out["parts"][pid] = part
+            into = out["parts"].setdefault(pid, {**part, "contenders": {}})
+            for c, res in part["contenders"].items():  # a later result wins, unless it failed where one had not
+                if "error" not in res or "error" in into["contenders"].get(c, {"error": True}):
+                    into["contenders"][c] = res
+            lm, tr = into["contenders"].get("lmtune"), into["contenders"].get("trainer")
+            if lm and tr and "error" not in lm and "error" not in tr:
+                into["ratios"] = ratios(lm, tr)
         out["errors"] += r["errors"]
         out["skipped"] += r["skipped"]
         out["models"] |= r["models"]
         out["seconds"] = round(out["seconds"] + r["seconds"], 1)
         out["finished"] = r["finished"]
-    out["skipped"] = [k for k in out["skipped"] if k.get("contender") not in out["parts"].get(k["part"], {}).get("contenders", {})]
+
+    def measured(part: str, contender: str | None) -> bool:
+        got = out["parts"].get(part, {}).get("contenders", {})
+        return any("error" not in v for c, v in got.items() if contender in (None, c))
+    out["skipped"] = [k for k in out["skipped"] if not measured(k["part"], k.get("contender"))]
+    out["errors"] = [e for e in out["errors"] if not measured(e["part"], e.get("contender"))]
     out["started"] = " + ".join(r["started"] for r in results)
     return out
 

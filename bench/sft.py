@@ -201,18 +201,25 @@ def with_rows(dataset: Any, enc: Any) -> Any:
 
 
 class RecordingSampler:
-    """A sampler that yields what ``inner`` yields and appends each index to ``seen`` (TRL's exact batch order)."""
+    """A sampler that yields what ``inner`` yields and records it: ``epochs[k]`` holds the indices of the k-th pass
+    (TRL's exact order; its length-grouped sampler draws from the global torch RNG, so it cannot be recomputed)."""
 
-    def __init__(self, inner: Any, seen: list[int]):
-        self.inner, self.seen = inner, seen
+    def __init__(self, inner: Any, epochs: list[list[int]]):
+        self.inner, self.epochs = inner, epochs
 
     def __len__(self) -> int:
         return len(self.inner)
 
     def __iter__(self):
+        self.epochs.append([])
         for i in self.inner:
-            self.seen.append(int(i))
+            self.epochs[-1].append(int(i))
             yield i
+
+
+def epoch_batches(epochs: list[list[int]], batch_size: int) -> list[list[int]]:
+    """The batches a data loader without drop_last cuts from recorded epochs, in order (a short batch ends each epoch)."""
+    return [e[k: k + batch_size] for e in epochs for k in range(0, len(e), batch_size)]
 
 
 def compare_tokens(trl_rows: list[tuple[list[int], list[int]]], enc: Any, tokenizer: Any) -> dict[str, Any]:
@@ -329,6 +336,9 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     bad = [c for c in contenders if c not in ALL_CONTENDERS]
     if bad:
         raise SystemExit(f"unknown contender(s) {bad}; known: {', '.join(ALL_CONTENDERS)}")
+    if "lmtune-trlbatches" in contenders and s["steps"] > s["epoch_steps"]:  # lmtune asks its sampler once per epoch
+        raise SystemExit(f"lmtune-trlbatches replays one epoch of TRL's batches: --steps {s['steps']} is more than an "
+                         f"epoch ({s['epoch_steps']} steps)")
     if ns.threads:
         import torch
         torch.set_num_threads(ns.threads)
@@ -347,18 +357,22 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         keep = work / "decode-model"
         for rep in range(s["repeats"]):
             order = contenders if rep % 2 == 0 else tuple(reversed(contenders))
-            if "lmtune-trlbatches" in order:  # it trains on the batches sft-best drew with the same seed
-                order = tuple(sorted(order, key=lambda c: c != "sft-best"))
+            if "lmtune-trlbatches" in order:  # it trains on the batches sft-best drew with the same seed: after it
+                rest = [c for c in order if c != "lmtune-trlbatches"]
+                at = rest.index("sft-best") + 1 if "sft-best" in rest else len(rest)
+                order = tuple(rest[:at] + ["lmtune-trlbatches"] + rest[at:])
             for c in order:
                 print(f"[sft] repeat {rep + 1}/{s['repeats']}: {c} ...", flush=True)
                 last_lmtune = c == "lmtune" and rep == s["repeats"] - 1
                 seed = s["seed"] + rep if s["seed_per_repeat"] else s["seed"]
                 extra = {}
                 if c == "lmtune-trlbatches":
-                    drawn = [r["train_order"] for r in runs.get("sft-best", []) if r.get("seed") == seed]
+                    drawn = [r for r in runs.get("sft-best", []) if r.get("seed") == seed]
                     if not drawn:
                         raise SystemExit("lmtune-trlbatches trains on sft-best's batches: add sft-best to --contenders")
-                    extra["trl_order"] = drawn[-1]
+                    if not drawn[-1].get("train_batches_match_fed"):
+                        raise SystemExit("lmtune-trlbatches: sft-best's recorded batches do not match what its model was fed")
+                    extra["trl_batches"] = drawn[-1]["train_batches"]
                 r = run_worker(base | extra | {"contender": c, "seed": seed, "keep_model": str(keep) if last_lmtune else None},
                                work, c)
                 r["seed"] = seed
@@ -837,14 +851,14 @@ def _train_lmtune(spec: dict[str, Any]) -> tuple[dict[str, Any], str]:
     fed: list[list[int]] = []
     if spec["contender"] == "lmtune-trlbatches":
         from lmtune.data.batching import LengthGroupedSampler
-        trl_order = [int(i) for i in spec["trl_order"]]
+        trl_order = [[int(i) for i in b] for b in spec["trl_batches"]]
 
         lmtune_batches = LengthGroupedSampler.batches
 
         def trl_batches(self, epoch=None):  # this worker process only: the batches sft-best drew, in its order
             if not (self.shuffle and self.group_by_length):  # evaluation batches stay lmtune's
                 return lmtune_batches(self, epoch)
-            return [trl_order[k: k + self.batch_size] for k in range(0, len(trl_order), self.batch_size)]
+            return trl_order
 
         LengthGroupedSampler.batches = trl_batches
         step_rows = loop._optimizer_step
@@ -865,8 +879,7 @@ def _train_lmtune(spec: dict[str, Any]) -> tuple[dict[str, Any], str]:
             "peak_rss_mb": rss[-1] if rss else _rss_mb(), "train_call_s": time.time() - t0,
             "train_rows": rec["data"]["rows"]["train"]}
     if spec["contender"] == "lmtune-trlbatches":
-        trl = [int(i) for i in spec["trl_order"]]
-        out["batches_match_trl"] = fed == [trl[k: k + spec["batch"]] for k in range(0, len(trl), spec["batch"])][: len(fed)]
+        out["batches_match_trl"] = fed == [[int(i) for i in b] for b in spec["trl_batches"]] and len(fed) == spec["steps"]
     return out, out_dir
 
 
@@ -897,9 +910,10 @@ def _train_sft(spec: dict[str, Any], variant: str) -> tuple[dict[str, Any], str]
         trainer.train_dataset = with_rows(trainer.train_dataset, lm_enc)
         trainer.eval_dataset = with_rows(trainer.eval_dataset, encode_generation(lm_tok, val_table, spec["max_length"]))
     ds = trainer.train_dataset
-    order: list[int] = []  # every training index the sampler yields, in order (its draws use the global torch RNG)
-    make_sampler = trainer._get_train_sampler
-    trainer._get_train_sampler = lambda *a, **k: RecordingSampler(make_sampler(*a, **k), order)
+    epochs: list[list[int]] = []  # the training indices the sampler yields, per pass
+    if args.train_sampling_strategy == "group_by_length":  # accelerate swaps a plain RandomSampler for its own: keep it
+        make_sampler = trainer._get_train_sampler
+        trainer._get_train_sampler = lambda *a, **k: RecordingSampler(make_sampler(*a, **k), epochs)
     token_check = compare_tokens(list(zip(ds["input_ids"], ds["labels"])), lm_enc, tok)
 
     counts = {"tokens": 0, "targets": 0, "padded": 0}
@@ -954,11 +968,12 @@ def _train_sft(spec: dict[str, Any], variant: str) -> tuple[dict[str, Any], str]
             "train_call_s": t1 - t0, "train_rows": len(ds), "token_check": token_check,
             "gradient_checkpointing": bool(args.gradient_checkpointing), "optim": str(args.optim),
             "torch_threads": torch.get_num_threads()}
-    n = spec["steps"] * spec["batch"]
-    out["train_order"] = order[:n]
-    # The recorded order is what the model was fed if each batch's padded width is its longest recorded row.
-    widths = [max(len(ds[i]["input_ids"]) for i in order[k: k + spec["batch"]]) for k in range(0, len(order[:n]), spec["batch"])]
-    out["train_order_matches_batches"] = widths == batch_widths[: len(widths)]
+    if epochs:
+        batches = epoch_batches(epochs, spec["batch"])[: spec["steps"]]
+        out["train_batches"] = batches
+        # The recording is what the model was fed if each batch's padded width is its longest recorded row.
+        widths = [max(len(ds[i]["input_ids"]) for i in b) for b in batches]
+        out["train_batches_match_fed"] = len(batches) == spec["steps"] and widths == batch_widths[: len(widths)]
     return out, out_dir
 
 

@@ -141,6 +141,20 @@ def test_merge_keeps_what_each_run_measured_and_drops_skips_a_later_run_filled()
     assert first["parts"]["gen-gemma3"]["contenders"] == {}  # the inputs are not changed
     with pytest.raises(SystemExit, match="different machines"):
         gpu.merge_runs([first, dict(second, machine=dict(machine, gpu="NVIDIA H100"))])
+    with pytest.raises(SystemExit, match="settings other than --budget"):
+        gpu.merge_runs([dict(first, settings={"seed": 0, "budget_s": 330}), dict(second, settings={"seed": 1, "budget_s": 240})])
+    # a whole-part skip and an earlier failure go once a later run measured them; a later failure keeps the good result
+    third = {"started": "t3", "finished": "t3e", "seconds": 1.0, "machine": machine, "models": {},
+             "parts": {"gen-gemma3": {"kind": "train", "contenders": {"trainer": {"median_s_per_step": 0.3},
+                                                                      "lmtune": {"error": "RuntimeError: late"}}},
+                       "study-smollm2": {"kind": "study", "contenders": {"study": {"trials": []}}}},
+             "errors": [{"part": "gen-gemma3", "contender": "lmtune", "error": "RuntimeError: late"}], "skipped": []}
+    whole = dict(first, skipped=[{"part": "study-smollm2", "why": "no smollm2 model"}])
+    m3 = gpu.merge_runs([whole, second, third])
+    assert m3["skipped"] == [] and m3["errors"] == []
+    assert m3["parts"]["gen-gemma3"]["contenders"]["lmtune"] == {"median_s_per_step": 0.2}
+    assert m3["parts"]["gen-gemma3"]["contenders"]["trainer"] == {"median_s_per_step": 0.3}
+    assert "ratios" in m3["parts"]["gen-gemma3"]
 
 
 def test_merge_from_the_bench_command_line(tmp_path):
@@ -178,9 +192,39 @@ def test_markdown_lists_the_synchronisations_a_counting_run_found():
     assert "| gen-gemma3 | Gemma 3 270M | trainer |" not in md.split("Host-device")[1]
 
 
-def test_counting_synchronisations_is_a_no_op_without_cuda():
+def test_counting_synchronisations_is_a_no_op_without_cuda(monkeypatch):
+    import torch
+
     from bench import gpu
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with gpu.count_syncs(True) as n:
-        import torch
         float(torch.ones(2).sum())
     assert n == {}
+
+
+def test_synchronisations_are_counted_by_the_line_that_asked_and_the_mode_is_reset(monkeypatch):
+    import warnings
+
+    import torch
+
+    from bench import gpu
+    modes: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    clock = gpu.StepClock("cuda", total=2, warmup=0, count_syncs=True)
+    monkeypatch.setattr(gpu, "_sync", lambda device: None)
+    monkeypatch.setattr(gpu, "_memory", lambda device: {})
+    with pytest.raises(RuntimeError), gpu.count_syncs(True) as n:
+        for _ in range(2):
+            clock.begin()
+            warnings.warn("called a synchronizing CUDA operation")  # what torch's warn mode raises, from this line
+            warnings.warn("an unrelated warning")
+            clock.end()
+        raise RuntimeError("a step failed")
+    assert modes == ["warn", "default", "warn", "default", "default"]  # on inside steps only; reset on the way out
+    assert n["total"] == 2 and list(n["sites"]) == [f"tests/test_bench_gpu.py:{_line_of('synchronizing CUDA')}"]
+
+
+def _line_of(text: str) -> int:
+    lines = Path(__file__).read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if text in line and "warnings.warn" in line)

@@ -62,15 +62,17 @@ def test_sft_trainer_sees_lmtune_token_sequences(tmp_path):
                          train_dataset=sft.sft_dataset(table), processing_class=tok)
     ds = trainer.train_dataset
     # the sampler TRL trains with, recorded (before another TrainingArguments resets accelerate's state): the batches the model was fed, in order
-    seen: list[int] = []
+    seen: list[list[int]] = []
     widths: list[int] = []
     make = trainer._get_train_sampler
     trainer._get_train_sampler = lambda *a, **k: sft.RecordingSampler(make(*a, **k), seen)
     model.register_forward_pre_hook(lambda m, a_, kw: widths.append(kw["input_ids"].shape[1]) if m.training else None,
                                     with_kwargs=True)
     trainer.train()
-    assert sorted(seen[:8]) == list(range(8))
-    assert widths == [max(len(ds[i]["input_ids"]) for i in seen[k: k + 4]) for k in (0, 4)]
+    assert len(seen) == 1 and sorted(seen[0]) == list(range(8))
+    batches = sft.epoch_batches(seen, 4)
+    assert widths == [max(len(ds[i]["input_ids"]) for i in b) for b in batches]
+    assert sft.epoch_batches([[5, 1, 2, 0, 4], [3, 1]], 2) == [[5, 1], [2, 0], [4], [3, 1]]  # a short batch ends an epoch
     enc = encode_generation(load_tokenizer(path), table, 128)
     check = sft.compare_tokens(list(zip(ds["input_ids"], ds["labels"])), enc, tok)
     n = len(table)
