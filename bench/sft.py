@@ -758,6 +758,20 @@ def transformers_batches(lengths: list[int], batch_size: int, seed: int, epoch: 
     return out
 
 
+def _replace_training_batches(rule: Any) -> None:
+    """In this worker process only: lmtune's shuffled, length-grouped training batches come from ``rule(sampler,
+    epoch)`` instead; evaluation batches (unshuffled) stay lmtune's."""
+    from lmtune.data.batching import LengthGroupedSampler
+    lmtune_batches = LengthGroupedSampler.batches
+
+    def batches(self, epoch=None):
+        if not (self.shuffle and self.group_by_length):
+            return lmtune_batches(self, epoch)
+        return rule(self, epoch)
+
+    LengthGroupedSampler.batches = batches
+
+
 def _train_lmtune(spec: dict[str, Any]) -> tuple[dict[str, Any], str]:
     import importlib
 
@@ -838,29 +852,12 @@ def _train_lmtune(spec: dict[str, Any]) -> tuple[dict[str, Any], str]:
 
         LengthGroupedSampler.__init__ = transformers_rule
     if spec["contender"] == "lmtune-trlorder":
-        from lmtune.data.batching import LengthGroupedSampler
-        lmtune_batches = LengthGroupedSampler.batches
-
-        def transformers_order(self, epoch=None):  # this worker process only
-            if not (self.shuffle and self.group_by_length):
-                return lmtune_batches(self, epoch)
-            return transformers_batches(self.lengths.tolist(), self.batch_size, self.seed,
-                                        self.epoch if epoch is None else epoch, self.drop_last)
-
-        LengthGroupedSampler.batches = transformers_order
+        _replace_training_batches(lambda smp, epoch: transformers_batches(
+            smp.lengths.tolist(), smp.batch_size, smp.seed, smp.epoch if epoch is None else epoch, smp.drop_last))
     fed: list[list[int]] = []
+    trl_batches = [[int(i) for i in b] for b in spec.get("trl_batches") or []]
     if spec["contender"] == "lmtune-trlbatches":
-        from lmtune.data.batching import LengthGroupedSampler
-        trl_order = [[int(i) for i in b] for b in spec["trl_batches"]]
-
-        lmtune_batches = LengthGroupedSampler.batches
-
-        def trl_batches(self, epoch=None):  # this worker process only: the batches sft-best drew, in its order
-            if not (self.shuffle and self.group_by_length):  # evaluation batches stay lmtune's
-                return lmtune_batches(self, epoch)
-            return trl_order
-
-        LengthGroupedSampler.batches = trl_batches
+        _replace_training_batches(lambda smp, epoch: trl_batches)  # the batches sft-best drew, in its order
         step_rows = loop._optimizer_step
 
         def record_rows(s_, st, step_batch, first_batch):
@@ -879,7 +876,7 @@ def _train_lmtune(spec: dict[str, Any]) -> tuple[dict[str, Any], str]:
             "peak_rss_mb": rss[-1] if rss else _rss_mb(), "train_call_s": time.time() - t0,
             "train_rows": rec["data"]["rows"]["train"]}
     if spec["contender"] == "lmtune-trlbatches":
-        out["batches_match_trl"] = fed == [[int(i) for i in b] for b in spec["trl_batches"]] and len(fed) == spec["steps"]
+        out["batches_match_trl"] = fed == trl_batches and len(fed) == spec["steps"]
     return out, out_dir
 
 
@@ -917,20 +914,19 @@ def _train_sft(spec: dict[str, Any], variant: str) -> tuple[dict[str, Any], str]
     token_check = compare_tokens(list(zip(ds["input_ids"], ds["labels"])), lm_enc, tok)
 
     counts = {"tokens": 0, "targets": 0, "padded": 0}
+    batch_widths: list[int] = []  # the padded width of every training batch the model was fed
     model = trainer.model
 
     def pre_hook(module, args_, kwargs):
         if module.training:
             ids, mask, labels = kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("labels")
             counts["padded"] += int(ids.numel())
+            batch_widths.append(int(ids.shape[1]))
             counts["tokens"] += int(mask.sum()) if mask is not None else int(ids.numel())
             if labels is not None:
                 counts["targets"] += int((labels != -100).sum())
 
     model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    batch_widths: list[int] = []
-    model.register_forward_pre_hook(lambda m, a_, kw: batch_widths.append(int(kw["input_ids"].shape[1])) if m.training
-                                    else None, with_kwargs=True)
     starts: list[float] = []
     ends: list[float] = []
     cpu_starts: list[float] = []

@@ -170,6 +170,17 @@ def test_trlorder_ablation_orders_batches_as_transformers_does():
     assert len(sft.transformers_batches(lengths, 16, seed=0, epoch=0, drop_last=True)) == 62
 
 
+def test_replaced_training_batches_leave_evaluation_batches_alone(monkeypatch):
+    from lmtune.data.batching import LengthGroupedSampler
+
+    monkeypatch.setattr(LengthGroupedSampler, "batches", LengthGroupedSampler.batches)  # restored after the test
+    lengths = [5, 9, 3, 7, 1, 8]
+    evaluation = LengthGroupedSampler(lengths, 2, shuffle=False).batches(0)
+    sft._replace_training_batches(lambda smp, epoch: [[4, 0], [1, 2], [3, 5]])
+    assert LengthGroupedSampler(lengths, 2, seed=3).batches(0) == [[4, 0], [1, 2], [3, 5]]
+    assert LengthGroupedSampler(lengths, 2, shuffle=False).batches(0) == evaluation
+
+
 def test_pool_runs_from_the_bench_command_line(tmp_path, capsys):
     import json
 
