@@ -354,3 +354,70 @@ def test_a_generation_plan_on_a_cpu_says_how_far_the_heap_can_grow():
     assert note is not None and "MALLOC_MMAP_THRESHOLD_" in note and "40%" in note
     assert heap_note("classification", "cpu") is None  # measured within 11% there (bench/results/plan-check-cpu)
     assert heap_note("generation", "cuda") is None  # the caching allocator: measured within 3%
+
+
+def _fake_plan(step_s: list[float], steps_per_epoch: int, eval_s: float, fixed_s: float = 20.0, calibrated: int = 1,
+               fits: bool = True):
+    """A plan of one-step-time-per-shape rows, two evaluations per epoch, built from Row itself."""
+    from types import SimpleNamespace
+
+    from lmtune.tune.plan import Row
+
+    rows = []
+    for s in step_s:
+        r = Row.__new__(Row)
+        r.fits, r.step_s, r.eval_s, r.fixed_s, r.decode_s, r.decode_final_only = fits, s, eval_s, fixed_s, 0.0, False
+        r.steps_per_epoch, r.evals_per_epoch = steps_per_epoch, 2
+        rows.append(r)
+    return SimpleNamespace(epochs=(1, 3, 2.0), rows=rows, max_steps=None, calibrated=calibrated, calibration_s=310.0)
+
+
+def test_a_budget_that_fits_no_trial_says_what_would_fit():
+    from lmtune.tune.study import no_trial_fits
+
+    # As on a 2-core AVX2 machine with 12,800 emotion rows (800 steps of batch 16) and 3,200 validation rows:
+    # 3.3 s per step, 166 s per evaluation -> 20 + 2640 + 332 = 2992 s for one epoch; 410 s of 12 min left.
+    emotion = _fake_plan([3.3], 800, 166.0)
+    msg = no_trial_fits(emotion, 720.0, 310.0, 12800, 3200, 0.3)
+    assert msg is not None and "\n" not in msg
+    assert msg.startswith("--budget 12 min fits no trial") and "~50 min" in msg and "7 min of the budget" in msg
+    assert "calibration (310 s of it) is cached" in msg
+    # 6 typical trials (2 epochs: 5964 s) and the 30 % reserve: 6 x 5964 / 0.7 = 14.2 h. A sample would have to be
+    # (84 - 20) / 5944 = 1.1 % of the rows: 137 to train on, 34 to score on, too few to search on.
+    assert "--budget 14.2 h for about 6 trials" in msg and "--max-train-rows" not in msg
+    # 40 minutes: 280 s per trial -> (280 - 20) / 5944 = 4.4 % of the rows: 559 to train on, 139 to score on.
+    forty = no_trial_fits(emotion, 2400.0, 0.0, 12800, 3200, 0.3)
+    assert "--max-train-rows 550 --max-val-rows 130 (the winner is refit" in forty
+    assert no_trial_fits(emotion, 7200.0, 0.0, 12800, 3200, 0.3) is None  # 2 h: a one-epoch trial (2992 s) fits
+    # Undeclared epochs grow as the rows shrink (2..6 below 1,000 rows: a mean of 4), so the sample must be smaller
+    # still: (280 - 20) / (4 x 2972) = 2.2 % of the rows, 69 to score on: no sample is worth suggesting.
+    by_rows = no_trial_fits(emotion, 2400.0, 0.0, 12800, 3200, 0.3, lambda rows: 4.0 if rows < 1000 else 2.0)
+    assert by_rows is not None and "--max-train-rows" not in by_rows and "--budget 14.2 h" in by_rows
+    # The cheapest shape and the fewest epochs decide; one that fits what is left is no refusal.
+    assert no_trial_fits(_fake_plan([3.3, 0.1], 800, 10.0), 720.0, 310.0, 12800, 3200, 0.3) is None
+    # Shapes that do not fit in memory are never trained, so they do not count as cheap.
+    assert no_trial_fits(_fake_plan([0.001], 10, 0.1, fits=False), 720.0, 0.0, 100, 40, 0.3) is None
+
+
+def test_tune_refuses_a_budget_that_fits_no_trial_and_leaves_no_study(tune_data, tiny_llama, tmp_path, monkeypatch,
+                                                                      capsys):
+    from lmtune.tune import plan as plan_mod
+
+    monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path / "cache"))
+    # Every step costs 60 s by the plan: 120 rows / batch 16 x 2 epochs = 16 steps = 16 min a trial.
+    monkeypatch.setattr(plan_mod.Row, "trial_seconds",
+                        lambda self, epochs, max_steps=None: self.steps_per_epoch * epochs * 60.0)
+    out = tmp_path / "study"
+    code = main(base_args(tune_data, tiny_llama, out, "--budget", "10m", "--n-trials", "none"))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    line = [x for x in err.splitlines() if "fits no trial" in x]
+    assert len(line) == 1 and "--budget 10 min fits no trial" in line[0] and "~16 min" in line[0], err
+    assert "Traceback" not in err
+    import optuna
+    assert optuna.get_all_study_names(f"sqlite:///{out / 'study.db'}") == []  # nothing ran, nothing kept
+    # The same --out takes a rerun on other rows (a sample), which a kept study would refuse as other data.
+    monkeypatch.undo()
+    monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path / "cache"))
+    assert main(base_args(tune_data, tiny_llama, out, "--max-train-rows", "64", "--n-trials", "1")) == 0
+    assert len(load(out).trials) == 1

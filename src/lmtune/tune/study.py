@@ -418,6 +418,21 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
             study.set_user_attr("n_trials", tc.n_trials)
     elif created:
         _enqueue_first(study, space, run, tc, warm)
+    trial_seconds: list[float] = [t.user_attrs["seconds"] for t in study.get_trials(deepcopy=False, states=FINISHED)
+                                  if "seconds" in t.user_attrs]
+    if budget is not None and plan is not None and not trial_seconds:
+        from lmtune.tune.plan import _epochs
+
+        def mean_epochs_for(rows: int) -> float:
+            return _epochs(build_space(declared, n_train_rows=rows, params_m_of={m: _params_m(m) for m in model_names},
+                                       default_model=run.model.name, default_method=run.model.method), run)[2]
+
+        refusal = no_trial_fits(plan, budget, time.time() - t_start, n_train, len(bundle.val), tc.reserve_fraction,
+                                None if declared.get("epochs") is not None else mean_epochs_for)
+        if refusal is not None:
+            if created:  # nothing ran: leave no study behind, so a rerun with other data flags starts clean
+                optuna.delete_study(study_name=tc.study_name, storage=storage)
+            raise ConfigError(refusal)
     atomic_write_json(out / STUDY_FILE, meta)
     if warm is not None and not created:
         log.info("warm start: ignored, the study is resumed (its first trials were queued when it was created)")
@@ -431,8 +446,6 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
     log.info(threads.describe())
 
     resources = Resources(tokenized_cache_dir=str(cache_root(run.model.cache_dir) / "tokenized"), data_bundle=bundle)
-    trial_seconds: list[float] = [t.user_attrs["seconds"] for t in study.get_trials(deepcopy=False, states=FINISHED)
-                                  if "seconds" in t.user_attrs]
     refit_rows = _refit_rows(bundle, tc)
     finish = _FinishPlan(tc, budget, refit_scale=(refit_rows / n_train) if refit_rows else 0.0)
     if budget is not None:
@@ -718,6 +731,61 @@ def _refit_rows(bundle, tc: TuneConfig) -> int | None:
     if tc.refit == "always" or rows > len(bundle.train):
         return rows
     return None
+
+
+def _duration(seconds: float) -> str:
+    """30 s, 12 min, 2.5 h: how a budget is read."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+SEARCH_TRIALS = 6
+"""Trials a budget should buy at least, for the suggestions when it buys none (TPE's start-up is 3..10)."""
+
+
+def no_trial_fits(plan, budget: float, elapsed: float, n_train: int, n_val: int, reserve_fraction: float,
+                  mean_epochs_for: typing.Callable[[int], float] | None = None) -> str | None:
+    """The one-line refusal when, by the plan, not even the cheapest configuration of the space finishes one trial in
+    what is left of the budget (None when one does): a search that cannot finish a trial would overrun the budget by
+    that trial's length, or end with nothing. It says what would fit: a sample of the rows, or a larger budget.
+
+    ``mean_epochs_for(rows)``: the mean epochs the space would draw on that many training rows (the default epochs
+    grow as the rows shrink); None when they do not depend on the rows (declared with --epochs)."""
+    lo_epochs, _, mean_epochs = plan.epochs
+    fit = [r for r in plan.rows if r.fits and r.trial_seconds(lo_epochs, plan.max_steps) is not None]
+    if not fit:
+        return None
+    cheapest, left = min(r.trial_seconds(lo_epochs, plan.max_steps) for r in fit), budget - elapsed
+    if cheapest <= left:
+        return None
+
+    def typical(share: float) -> float:
+        """A typical trial (every shape, the mean epochs the sampler draws) on ``share`` of the training and
+        validation rows: training and evaluation scale with their rows, the model load and the save do not."""
+        epochs = mean_epochs_for(int(n_train * share)) if mean_epochs_for else mean_epochs
+        return statistics.fmean(r.fixed_s + share * (r.trial_seconds(epochs, plan.max_steps) - r.fixed_s) for r in fit)
+
+    # On a rerun the calibration is cached, so the whole budget is the search's.
+    per_trial = budget * (1 - reserve_fraction) / SEARCH_TRIALS
+    share = next((f for f in (0.99 ** k for k in range(1, 1000)) if typical(f) <= per_trial), 0.0)  # 1 % steps
+    train_rows, val_rows = _two_digits(int(n_train * share)), _two_digits(int(n_val * share))
+    sample = ""
+    # Fewer than ~100 rows to train or to score on, and a search measures noise: then only the budget is suggested.
+    if train_rows >= 100 and min(val_rows, n_val) >= 100:
+        sample = (f"search on a sample with --max-train-rows {train_rows}"
+                  + (f" --max-val-rows {val_rows}" if val_rows < n_val else "")
+                  + " (the winner is refit on all training rows where the budget allows), or ")
+    calibrated = f"; the plan's calibration ({plan.calibration_s:.0f} s of it) is cached" if plan.calibrated else ""
+    return (f"--budget {_duration(budget)} fits no trial: by the plan above one trial on the {n_train} training rows "
+            f"takes at least ~{_duration(cheapest)} here (its cheapest configuration) and {_duration(max(0.0, left))} "
+            f"of the budget are left{calibrated}; {sample}give --budget "
+            f"{_duration(typical(1.0) * SEARCH_TRIALS / (1 - reserve_fraction))} for about {SEARCH_TRIALS} trials")
+
+
+def _two_digits(n: int) -> int:
+    """``n`` rounded down to two significant digits (12,345 -> 12,000): a suggestion, not a measurement."""
+    return n - n % 10 ** max(0, len(str(n)) - 2)
 
 
 class _FinishPlan:
