@@ -395,6 +395,9 @@ def test_a_budget_that_fits_no_trial_says_what_would_fit():
     assert by_rows is not None and "--max-train-rows" not in by_rows and "--budget 14.2 h" in by_rows
     # The cheapest shape and the fewest epochs decide; one that fits what is left is no refusal.
     assert no_trial_fits(_fake_plan([3.3, 0.1], 800, 10.0), 720.0, 310.0, 12800, 3200, 0.3) is None
+    # A calibration that took the budget a small search needed: the rerun, which skips it, is the advice.
+    slow_calibration = no_trial_fits(_fake_plan([0.1], 10, 1.0), 600.0, 590.0, 160, 40, 0.3)
+    assert slow_calibration.endswith("cached; rerun the same command: the whole budget then goes to the search")
     # Shapes that do not fit in memory are never trained, so they do not count as cheap.
     assert no_trial_fits(_fake_plan([0.001], 10, 0.1, fits=False), 720.0, 0.0, 100, 40, 0.3) is None
 

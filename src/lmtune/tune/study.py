@@ -777,10 +777,14 @@ def no_trial_fits(plan, budget: float, elapsed: float, n_train: int, n_val: int,
                   + (f" --max-val-rows {val_rows}" if val_rows < n_val else "")
                   + " (the winner is refit on all training rows where the budget allows), or ")
     calibrated = f"; the plan's calibration ({plan.calibration_s:.0f} s of it) is cached" if plan.calibrated else ""
+    enough = typical(1.0) * SEARCH_TRIALS / (1 - reserve_fraction)
+    if enough <= budget:  # the calibration took what the trials needed; a rerun skips it
+        advice = "rerun the same command: the whole budget then goes to the search"
+    else:
+        advice = f"{sample}give --budget {_duration(enough)} for about {SEARCH_TRIALS} trials"
     return (f"--budget {_duration(budget)} fits no trial: by the plan above one trial on the {n_train} training rows "
             f"takes at least ~{_duration(cheapest)} here (its cheapest configuration) and {_duration(max(0.0, left))} "
-            f"of the budget are left{calibrated}; {sample}give --budget "
-            f"{_duration(typical(1.0) * SEARCH_TRIALS / (1 - reserve_fraction))} for about {SEARCH_TRIALS} trials")
+            f"of the budget are left{calibrated}; {advice}")
 
 
 def _two_digits(n: int) -> int:
