@@ -360,8 +360,14 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
     n_train = len(bundle.train)
     declared = search.declared()
     model_names = [m.strip() for m in (declared.get("model") or run.model.name).split(",")]
-    space = build_space(declared, n_train_rows=n_train, params_m_of={m: _params_m(m) for m in model_names},
-                        default_model=run.model.name, default_method=run.model.method)
+    params_m_of = {m: _params_m(m) for m in model_names}
+
+    def space_for(rows: int) -> SearchSpace:
+        """The space on ``rows`` training rows: the default epochs and batch sizes depend on them."""
+        return build_space(declared, n_train_rows=rows, params_m_of=params_m_of, default_model=run.model.name,
+                           default_method=run.model.method)
+
+    space = space_for(n_train)
     longest = _longest(space.dims.get("max_length"), run.train.max_length)
     for name in model_names:  # fail before the study starts, not in every trial
         check_max_length(dataclasses.replace(run.model, name=name), longest, resolve(name, run.model.cache_dir))
@@ -423,12 +429,8 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
     if budget is not None and plan is not None and not trial_seconds:
         from lmtune.tune.plan import _epochs
 
-        def mean_epochs_for(rows: int) -> float:
-            return _epochs(build_space(declared, n_train_rows=rows, params_m_of={m: _params_m(m) for m in model_names},
-                                       default_model=run.model.name, default_method=run.model.method), run)[2]
-
         refusal = no_trial_fits(plan, budget, time.time() - t_start, n_train, len(bundle.val), tc.reserve_fraction,
-                                None if declared.get("epochs") is not None else mean_epochs_for)
+                                None if declared.get("epochs") is not None else lambda rows: _epochs(space_for(rows), run)[2])
         if refusal is not None:
             if created:  # nothing ran: leave no study behind, so a rerun with other data flags starts clean
                 optuna.delete_study(study_name=tc.study_name, storage=storage)
