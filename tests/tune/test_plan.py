@@ -424,3 +424,58 @@ def test_tune_refuses_a_budget_that_fits_no_trial_and_leaves_no_study(tune_data,
     monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path / "cache"))
     assert main(base_args(tune_data, tiny_llama, out, "--max-train-rows", "64", "--n-trials", "1")) == 0
     assert len(load(out).trials) == 1
+
+
+def test_a_trial_that_would_not_finish_in_the_budget_left_is_not_run(tune_data, tiny_llama, tmp_path, monkeypatch,
+                                                                     capsys):
+    """The documented defaults (3 epochs) would take 24 min by the plan, a 1-epoch trial 8: in a 12-minute budget
+    the defaults are not run (said, in the log and the answer) and the search goes on with what fits, instead of
+    starting a trial that overruns the budget 2x."""
+    import optuna
+
+    from lmtune.tune import plan as plan_mod
+    from lmtune.tune.answer import DEFAULT_ATTR
+
+    monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path / "cache"))
+    # 120 rows in batches of 16: 8 steps an epoch at 60 s a step by the plan.
+    monkeypatch.setattr(plan_mod.Row, "trial_seconds",
+                        lambda self, epochs, max_steps=None: self.steps_per_epoch * epochs * 60.0)
+    out = tmp_path / "study"
+    code = main(base_args(tune_data, tiny_llama, out, "--epochs", "1..3", "--budget", "12m", "--n-trials", "3",
+                          "--sampler-seed", "0", "--pruner", "none"))
+    err = capsys.readouterr()
+    assert code == 0, err
+    trials = sorted(load(out).get_trials(), key=lambda t: t.number)
+    first = trials[0]
+    assert first.user_attrs.get(DEFAULT_ATTR) and first.params["epochs"] == 3
+    assert first.state == optuna.trial.TrialState.FAIL
+    assert first.user_attrs["fail_reason"].startswith("not run: would not finish in the budget: ~1440 s by the plan")
+    assert first.system_attrs.get("lmtune_over_budget") is True
+    ran = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(ran) == 3  # the skipped defaults did not use up one of the 3 trials
+    # Until a trial has run, the plan is taken as it is: only 1 epoch (480 s) fits in what is left of 720 s.
+    # After it, the plan is corrected by what trials took here (a second, not 480 s), and every epoch count fits.
+    assert ran[0].params["epochs"] == 1 and ran[0].user_attrs["plan_seconds"] == 480.0
+    skipped_later = [t for t in trials if t.number > ran[0].number and t.state == optuna.trial.TrialState.FAIL]
+    assert skipped_later == []
+    log = err.out + err.err
+    assert "trial 0: not run" in log and "the answer has no defaults to compare tuning against" in log
+    assert "not run (would not finish in the budget)" in log
+    answer = json.loads((out / "answer.json").read_text())
+    assert any(s.startswith("The defaults (trial #0) did not run (not run: would not finish in the budget")
+               for s in answer["statements"]), answer["statements"]
+
+
+def test_the_plan_is_corrected_by_the_trials_that_ran():
+    import optuna
+
+    from lmtune.tune.study import _plan_scale
+
+    study = optuna.create_study()
+    assert _plan_scale(study) == 1.0  # nothing measured yet: the plan as it is
+    for seconds, planned in ((30.0, 60.0), (50.0, 100.0), (90.0, 60.0)):
+        study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"seconds": seconds, "plan_seconds": planned}))
+    # A pruned trial ran only part of what was planned: it says nothing about the plan's full-trial time.
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED,
+                                              user_attrs={"seconds": 1.0, "plan_seconds": 100.0}))
+    assert _plan_scale(study) == 0.5  # the median of 0.5, 0.5, 1.5

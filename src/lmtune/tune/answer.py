@@ -216,6 +216,8 @@ def _defaults_vs_tuned(study, done, confirmation, maximize: bool) -> dict[str, A
                             "default_value": default.value if _finite(default.value) else None,
                             "tuned_trial": tuned_trial if tuned else best_single.number,
                             "tuned_value": tuned["mean"] if tuned else best_single.value}
+    if default.state == TrialState.FAIL:
+        view["default_reason"] = default.user_attrs.get("fail_reason")
     if tuned and base and tuned_trial != default.number:
         same_seeds = list(tuned.get("seeds") or []) == list(base.get("seeds") or [])
         gain = sign * (tuned["mean"] - base["mean"])
@@ -320,6 +322,9 @@ def statements(answer: dict[str, Any]) -> list[str]:
     elif d and d.get("defaults_best"):
         out.append(f"The defaults were the best configuration of the {answer['trials']['complete']} finished trials"
                    f" ({defaults_spread(d)}): tuning bought nothing here.")
+    elif d and d.get("default_state") == "FAIL":
+        out.append(f"The defaults (trial #{d['default_trial']}) did not run ({d.get('default_reason') or 'failed'}): "
+                   "what tuning bought over them is not measured.")
     elif d and d.get("gain") is not None:
         out.append(f"Tuning {gain_words(d['gain'], metric, answer.get('direction'))} over the defaults, one seed each: seed noise not measured "
                    "on the defaults, so this gain is not yet a conclusion.")

@@ -222,9 +222,10 @@ def _fail_dead_local_trials(study: optuna.Study) -> None:
 
 
 def _counts(study: optuna.Study) -> dict[str, int]:
-    out = {s.name.lower(): 0 for s in TrialState} | {"surplus": 0, "unfit": 0}
+    out = {s.name.lower(): 0 for s in TrialState} | {"surplus": 0, "unfit": 0, "over_budget": 0}
+    marks = ((_SURPLUS, "surplus"), (_UNFIT, "unfit"), (_OVER_BUDGET, "over_budget"))
     for t in study.get_trials(deepcopy=False):
-        kind = "surplus" if t.system_attrs.get(_SURPLUS) else "unfit" if t.system_attrs.get(_UNFIT) else t.state.name.lower()
+        kind = next((k for attr, k in marks if t.system_attrs.get(attr)), t.state.name.lower())
         out[kind] += 1
     return out
 
@@ -452,7 +453,7 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
     finish = _FinishPlan(tc, budget, refit_scale=(refit_rows / n_train) if refit_rows else 0.0)
     if budget is not None:
         log.info(finish.outlook(study, trial_seconds, time.time() - t_start))
-    consecutive_errors = unfit_in_a_row = 0
+    consecutive_errors = unfit_in_a_row = over_budget_in_a_row = 0
     current: list[optuna.Trial] = []  # the trial this worker holds (RUNNING), if any
     old_handlers = _raise_on_signals()
     try:
@@ -469,6 +470,16 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
                 if elapsed + typical + reserve > budget and (trial_seconds or elapsed > budget):
                     log.info(f"budget: {elapsed:.0f} s used of {budget:.0f} s; a typical trial takes {typical:.0f} s"
                              + (f"; ~{reserve:.0f} s kept for confirmation and refit" if reserve else "") + "; no new trial")
+                    break
+                cheapest = None if plan is None else _cheapest_seconds(plan)
+                if cheapest is not None and elapsed + (cheapest := cheapest * _plan_scale(study)) + reserve > budget:
+                    log.info(f"budget: {elapsed:.0f} s used of {budget:.0f} s; by the plan not even the shortest "
+                             f"configuration (~{cheapest:.0f} s) finishes in what is left"
+                             + (f" with ~{reserve:.0f} s kept for confirmation and refit" if reserve else "") + "; no new trial")
+                    break
+                if over_budget_in_a_row >= _MAX_OVER_BUDGET_IN_A_ROW:
+                    log.info(f"budget: the last {over_budget_in_a_row} configurations drawn would not finish in the "
+                             f"{budget - elapsed - reserve:.0f} s left; no new trial")
                     break
             trial_id = study._pop_waiting_trial_id()
             if trial_id is None:
@@ -492,14 +503,18 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
                 log.info(f"trial {trial.number}: {now.describe()}")
                 threads = now
             trial.set_user_attr("threads", now.threads)
-            if plan is not None and not _admit(plan, study, trial, space, run):
-                current.clear()
-                unfit_in_a_row += 1
-                if unfit_in_a_row >= _MAX_UNFIT_IN_A_ROW:
-                    raise StudyError(f"the sampler proposed {unfit_in_a_row} configurations in a row that would not fit "
-                                     "in memory; narrow the search space (see the plan above) or raise --memory-limit")
-                continue
-            unfit_in_a_row = 0
+            if plan is not None:
+                seconds_left = None if budget is None else budget - (time.time() - t_start) - finish.reserve(study, trial_seconds)
+                verdict = _admit(plan, study, trial, space, run, seconds_left, _plan_scale(study))
+                if verdict != "run":
+                    current.clear()
+                    over_budget_in_a_row = over_budget_in_a_row + 1 if verdict == "over_budget" else 0
+                    unfit_in_a_row = unfit_in_a_row + 1 if verdict == "unfit" else 0
+                    if unfit_in_a_row >= _MAX_UNFIT_IN_A_ROW:
+                        raise StudyError(f"the sampler proposed {unfit_in_a_row} configurations in a row that would not fit "
+                                         "in memory; narrow the search space (see the plan above) or raise --memory-limit")
+                    continue
+            unfit_in_a_row = over_budget_in_a_row = 0
             t0 = time.time()
             with _Heartbeat(study._storage, trial_id, tc.heartbeat_interval), _trial_meter(plan) as meter:
                 state = _run_trial(study, trial, space, run, tc, out, n_train, resources, train)
@@ -554,6 +569,9 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
 
 _UNFIT = "lmtune_unfit"
 _MAX_UNFIT_IN_A_ROW = 50
+_OVER_BUDGET = "lmtune_over_budget"
+_MAX_OVER_BUDGET_IN_A_ROW = 20
+"""Draws in a row that would not finish in the budget left, after which the search stops rather than draw on."""
 
 
 def _make_plan(run: RunConfig, space: SearchSpace, tc: TuneConfig, task, bundle, out: Path):
@@ -569,22 +587,55 @@ def _make_plan(run: RunConfig, space: SearchSpace, tc: TuneConfig, task, bundle,
     return plan
 
 
-def _admit(plan, study, trial, space: SearchSpace, run: RunConfig) -> bool:
-    """Whether a trial's configuration fits in memory, by the plan. One that does not is failed now, before any
-    training, with the reason, and is not counted as finished (its slot runs again with new parameters); one that
-    fits records the plan's prediction, which the plan check compares with what the trial took."""
+def _admit(plan, study, trial, space: SearchSpace, run: RunConfig, seconds_left: float | None = None,
+           scale: float = 1.0) -> str:
+    """Whether a trial runs, by the plan: "run", "unfit" (its configuration would not fit in memory) or
+    "over_budget" (by the plan, corrected by ``scale``, it would not finish in the ``seconds_left`` of the budget).
+    One that does not run is failed now, before any training, with the reason, and is not counted as finished
+    (its slot runs again with new parameters); one that runs records the plan's prediction, which the plan check
+    compares with what the trial took."""
     params = space.complete(space.sample(trial))  # the trial's own draw: _run_trial gets the same values back
     prediction = plan.predict(params, run)
-    if prediction.fits:
-        for key, value in prediction.attrs().items():
-            trial.set_user_attr(key, value)
-        return True
-    trial.set_user_attr("fail_reason", f"not run: would not fit in memory ({prediction.reason})")
-    study._storage.set_trial_system_attr(trial._trial_id, _UNFIT, True)
-    study.tell(trial, state=TrialState.FAIL)
-    log.info(f"trial {trial.number}: not run, " + ", ".join(f"{k}={_fmt(v)}" for k, v in params.items())
-             + f" would not fit in memory ({prediction.reason})")
-    return False
+    shown = ", ".join(f"{k}={_fmt(v)}" for k, v in params.items())
+    if not prediction.fits:
+        trial.set_user_attr("fail_reason", f"not run: would not fit in memory ({prediction.reason})")
+        study._storage.set_trial_system_attr(trial._trial_id, _UNFIT, True)
+        study.tell(trial, state=TrialState.FAIL)
+        log.info(f"trial {trial.number}: not run, {shown} would not fit in memory ({prediction.reason})")
+        return "unfit"
+    expected = None if prediction.seconds is None else prediction.seconds * scale
+    if seconds_left is not None and expected is not None and expected > seconds_left:
+        why = (f"would not finish in the budget: ~{expected:.0f} s by the plan"
+               + (f" (x{scale:.2f}, as this machine's finished trials ran)" if scale != 1.0 else "")
+               + f", {max(0.0, seconds_left):.0f} s of it left")
+        trial.set_user_attr("fail_reason", f"not run: {why}")
+        study._storage.set_trial_system_attr(trial._trial_id, _OVER_BUDGET, True)
+        study.tell(trial, state=TrialState.FAIL)
+        default = (" (the documented defaults: the answer has no defaults to compare tuning against)"
+                   if trial.user_attrs.get(DEFAULT_ATTR) else "")
+        log.info(f"trial {trial.number}: not run, {shown} {why}{default}")
+        return "over_budget"
+    for key, value in prediction.attrs().items():
+        trial.set_user_attr(key, value)
+    return "run"
+
+
+def _plan_scale(study) -> float:
+    """How long this study's finished trials took against what the plan predicted for them (the median ratio over
+    complete trials; 1.0 before any): the plan's prediction, corrected by this machine's measurements as they come
+    (the plan's time error per trial: a median of 17 %, up to ~40 %, in bench/results/plan-check-cpu)."""
+    ratios = [t.user_attrs["seconds"] / t.user_attrs["plan_seconds"]
+              for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if t.user_attrs.get("seconds") and t.user_attrs.get("plan_seconds")]
+    return statistics.median(ratios) if ratios else 1.0
+
+
+def _cheapest_seconds(plan) -> float | None:
+    """By the plan, the shortest trial the space holds: the cheapest shape that fits, at the fewest epochs."""
+    lo_epochs = plan.epochs[0]
+    times = [r.trial_seconds(lo_epochs, plan.max_steps) for r in plan.rows if r.fits]
+    times = [t for t in times if t is not None]
+    return min(times) if times else None
 
 
 def _trial_meter(plan):
@@ -755,12 +806,10 @@ def no_trial_fits(plan, budget: float, elapsed: float, n_train: int, n_val: int,
     ``mean_epochs_for(rows)``: the mean epochs the space would draw on that many training rows (the default epochs
     grow as the rows shrink); None when they do not depend on the rows (declared with --epochs)."""
     lo_epochs, _, mean_epochs = plan.epochs
+    cheapest, left = _cheapest_seconds(plan), budget - elapsed
+    if cheapest is None or cheapest <= left:
+        return None
     fit = [r for r in plan.rows if r.fits and r.trial_seconds(lo_epochs, plan.max_steps) is not None]
-    if not fit:
-        return None
-    cheapest, left = min(r.trial_seconds(lo_epochs, plan.max_steps) for r in fit), budget - elapsed
-    if cheapest <= left:
-        return None
 
     def typical(share: float) -> float:
         """A typical trial (every shape, the mean epochs the sampler draws) on ``share`` of the training and
@@ -1117,7 +1166,8 @@ def _write_outputs(study, out: Path, metric: str, result: TuneResult) -> None:
         log.info(line)
     c = result.counts
     log.info(f"trials: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed, {c['running']} running"
-             + (f"; {c['unfit']} not run (would not fit in memory)" if c["unfit"] else ""))
+             + (f"; {c['unfit']} not run (would not fit in memory)" if c["unfit"] else "")
+             + (f"; {c['over_budget']} not run (would not finish in the budget)" if c["over_budget"] else ""))
 
 
 def _write_answer(study, out: Path, result: TuneResult) -> dict[str, Any]:
