@@ -454,6 +454,7 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
     if budget is not None:
         log.info(finish.outlook(study, trial_seconds, time.time() - t_start))
     consecutive_errors = unfit_in_a_row = over_budget_in_a_row = 0
+    shortest = None if plan is None else _cheapest_seconds(plan)  # the plan is fixed: its shortest trial too
     current: list[optuna.Trial] = []  # the trial this worker holds (RUNNING), if any
     old_handlers = _raise_on_signals()
     try:
@@ -463,23 +464,25 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
             c = _counts(study)
             if tc.n_trials is not None and c["complete"] + c["pruned"] >= tc.n_trials:
                 break
+            seconds_left, scale = None, 1.0
             if budget is not None:
                 elapsed = time.time() - t_start
                 typical = statistics.median(trial_seconds) if trial_seconds else 0.0
                 reserve = finish.reserve(study, trial_seconds)
+                seconds_left = budget - elapsed - reserve
+                scale = 1.0 if plan is None else _plan_scale(study)
                 if elapsed + typical + reserve > budget and (trial_seconds or elapsed > budget):
                     log.info(f"budget: {elapsed:.0f} s used of {budget:.0f} s; a typical trial takes {typical:.0f} s"
                              + (f"; ~{reserve:.0f} s kept for confirmation and refit" if reserve else "") + "; no new trial")
                     break
-                cheapest = None if plan is None else _cheapest_seconds(plan)
-                if cheapest is not None and elapsed + (cheapest := cheapest * _plan_scale(study)) + reserve > budget:
+                if shortest is not None and shortest * scale > seconds_left:
                     log.info(f"budget: {elapsed:.0f} s used of {budget:.0f} s; by the plan not even the shortest "
-                             f"configuration (~{cheapest:.0f} s) finishes in what is left"
+                             f"configuration (~{shortest * scale:.0f} s) finishes in what is left"
                              + (f" with ~{reserve:.0f} s kept for confirmation and refit" if reserve else "") + "; no new trial")
                     break
                 if over_budget_in_a_row >= _MAX_OVER_BUDGET_IN_A_ROW:
                     log.info(f"budget: the last {over_budget_in_a_row} configurations drawn would not finish in the "
-                             f"{budget - elapsed - reserve:.0f} s left; no new trial")
+                             f"{seconds_left:.0f} s left; no new trial")
                     break
             trial_id = study._pop_waiting_trial_id()
             if trial_id is None:
@@ -504,8 +507,7 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
                 threads = now
             trial.set_user_attr("threads", now.threads)
             if plan is not None:
-                seconds_left = None if budget is None else budget - (time.time() - t_start) - finish.reserve(study, trial_seconds)
-                verdict = _admit(plan, study, trial, space, run, seconds_left, _plan_scale(study))
+                verdict = _admit(plan, study, trial, space, run, seconds_left, scale)
                 if verdict != "run":
                     current.clear()
                     over_budget_in_a_row = over_budget_in_a_row + 1 if verdict == "over_budget" else 0
