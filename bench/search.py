@@ -82,7 +82,7 @@ EVAL_BATCH = 32
 SEARCH_TRAIN_SEED = 0
 # Random start-up trials before TPE models anything: Optuna's TPESampler default (the Trainer's) and lmtune's
 # with --n-trials none (lmtune.tune.study._sampler: max(3, min(10, 30 // 3))).
-TPE_STARTUP_TRIALS = 10
+TPE_STARTUP_TRIALS = 10  # Optuna's default (trainer-optuna), and lmtune's with a budget alone before it sized its own
 LMTUNE_TRIAL_KEYS = ("learning_rate", "global_batch_size", "epochs", "warmup_ratio", "weight_decay", "eval_every_steps")
 
 SPACE = {"learning_rate": (1e-5, 2e-4), "global_batch_size": (16, 32), "epochs": (1, 2), "warmup_ratio": (0.0, 0.1),
@@ -337,8 +337,10 @@ def search_lmtune(spec: dict[str, Any], t0: float) -> dict[str, Any]:
         res = lmtune.tune(lmtune_run_config(spec, spec["workdir"] + "/study"), lmtune_search_config(spec["space"]), tc)
     finally:
         pkg.train = original
+    meta = json.loads((Path(res.output_dir) / "study.json").read_text())
     return {"evals": evals, "trials": trials, "configs": configs, "counts": res.counts,
-            "study_best_value": res.best_value, "study_best_trial": res.best_trial}
+            "study_best_value": res.best_value, "study_best_trial": res.best_trial,
+            "tpe_startup_trials": meta.get("tpe_startup_trials")}
 
 
 def confirm_lmtune(spec: dict[str, Any], trial_config: dict[str, Any], seed: int) -> float:
@@ -636,6 +638,22 @@ def median_or_none(values: list[float | None]) -> float | None:
     return None if math.isinf(m) else m
 
 
+def startup_of(r: dict[str, Any]) -> int:
+    """The random start-up trials of a run's TPE: as its study recorded it (lmtune), else Optuna's default (the
+    baseline, and lmtune results written before lmtune recorded it, when a budget alone always meant 10)."""
+    return r.get("tpe_startup_trials") or TPE_STARTUP_TRIALS
+
+
+def startup_text(runs: list[dict[str, Any]]) -> str:
+    """The report's line on how many random trials each TPE ran before it modelled anything."""
+    counts: dict[str, list[str]] = {}
+    for r in runs:
+        if r["who"] != "lmtune-random" and not r.get("error"):
+            counts.setdefault(r["who"], []).append(f"{startup_of(r)} (seed {r['seed']})")
+    return ("TPE models nothing before its random start-up trials have finished: "
+            + "; ".join(f"{who} {', '.join(v)}" for who, v in counts.items()) + ".") if counts else ""
+
+
 def describe_run(r: dict[str, Any], s: dict[str, Any]) -> None:
     """The per-run numbers that need no baseline: curve, final best, evaluations in and past the budget."""
     evals = r.get("evals") or []
@@ -852,7 +870,7 @@ def markdown(res: dict[str, Any]) -> str:
               "TPESampler(seed=sampler seed), MedianPruner"
               + (", lmtune's token sequences (completion-only labels), validation loss per completion token from per-row "
                  "loss sums (TRL's SFTTrainer has no `model_init`, so no `hyperparameter_search`)" if s["task"] == "generation" else "")
-              + f". TPE models nothing before {TPE_STARTUP_TRIALS} finished trials (both samplers).", "",
+              + ". " + startup_text(res["runs"]), "",
               "| contender | sampler seed | trials complete / pruned / failed | past TPE start-up | evaluations (after budget) "
               "| final best | at s | confirmed mean ± std (values) | time to baseline's best s | fraction of baseline's time "
               "| search wall s |",
@@ -864,7 +882,7 @@ def markdown(res: dict[str, Any]) -> str:
         c, fb, conf = r.get("counts") or {}, r.get("final_best") or {}, r.get("confirmation")
         conf_text = (f"{_value(conf['mean'], metric)} ± {_value(conf['std'], metric)} ("
                      + ", ".join(_value(v, metric) for v in conf["values"]) + ")") if conf else "-"
-        past = ("yes" if r["finished_trials"] > TPE_STARTUP_TRIALS else "no") if r["who"] != "lmtune-random" else "(random)"
+        past = ("yes" if r["finished_trials"] > startup_of(r) else "no") if r["who"] != "lmtune-random" else "(random)"
         lines.append(f"| {r['who']} | {r['seed']} | {c.get('complete', 0)} / {c.get('pruned', 0)} / {c.get('fail', 0)} | {past} | "
                      f"{r['evals_within_budget']} ({r['evals_after_budget']}) | {_value(fb.get('value'), metric)} | "
                      f"{fmt(fb.get('t_s'), 0)} | {conf_text} | {_seconds_text(r.get('time_to_baseline_best_s'))} | "

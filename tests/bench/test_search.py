@@ -244,3 +244,19 @@ def test_merge_refuses_other_settings_and_repeated_seeds(classification, tmp_pat
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(SystemExit, match=r"--merge .*bad\.json: cannot read it as JSON"):
         search.merge([paths[0], str(tmp_path / "bad.json")], str(tmp_path / "merged"))
+
+
+def test_the_report_says_each_tpe_start_up_as_the_run_recorded_it(classification):
+    """lmtune's start-up is its study's own (a third of the trials it expected, 3..10), the baseline's Optuna's 10;
+    "past TPE start-up" is judged against each run's own count."""
+    _, base, res = classification
+    md = Path(str(base) + ".md").read_text(encoding="utf-8")
+    for r in res["runs"]:
+        if r["who"] == "lmtune-tpe":
+            assert 3 <= r["tpe_startup_trials"] <= 10
+            assert f"{r['tpe_startup_trials']} (seed {r['seed']})" in md
+        if r["who"] == "lmtune-random":
+            assert r["tpe_startup_trials"] is None  # no TPE, no start-up
+    assert "TPE models nothing before its random start-up trials have finished: " in md
+    assert "trainer-optuna 10 (seed 0), 10 (seed 1)" in md
+    assert search.startup_of({"who": "lmtune-tpe", "seed": 0}) == 10  # a result written before the field existed

@@ -464,6 +464,26 @@ def test_a_trial_that_would_not_finish_in_the_budget_left_is_not_run(tune_data, 
     answer = json.loads((out / "answer.json").read_text())
     assert any(s.startswith("The defaults (trial #0) did not run (not run: would not finish in the budget")
                for s in answer["statements"]), answer["statements"]
+    # TPE's random start-up is a third of the trials this search will run (here the cap of 3: the minimum, 3).
+    meta = json.loads((out / "study.json").read_text())
+    assert meta["tpe_startup_trials"] == 3
+    assert "sampler tpe: the first 3 finished trials are its random start-up (a third of 3 trials, 3 to 10)" in log
+
+
+def test_tpe_start_up_is_a_third_of_the_trials_the_search_will_run():
+    """Optuna's 10 random trials suit hundreds of trials; a 30-minute search here runs about ten, so a budget alone
+    used to make TPE a random search but for its last trial."""
+    from lmtune.tune.study import startup_trials
+
+    assert startup_trials(None, 11) == 3  # a budget alone that the plan expects to fit ~11 trials
+    assert startup_trials(None, 18) == 6
+    assert startup_trials(None, 45) == 10  # never more than Optuna's own default
+    assert startup_trials(20, None) == 6  # --n-trials alone (no plan, or no budget): as before
+    assert startup_trials(60, 18) == 6  # the budget ends the search before the cap does
+    assert startup_trials(9, 40) == 3  # the cap ends it first
+    assert startup_trials(2, None) == 3  # never fewer than 3: TPE needs some spread to model
+    assert startup_trials(None, 0) == 10  # the plan expects none (a budget it would refuse) or nothing is known
+    assert startup_trials(None, None) == 10
 
 
 def test_the_plan_is_corrected_by_the_trials_that_ran():

@@ -125,8 +125,19 @@ def redact(url: str) -> str:
     return url
 
 
-def _sampler(tc: TuneConfig, n_trials: int | None, trial_number: int | None = None) -> optuna.samplers.BaseSampler:
-    """The seeded sampler; with ``trial_number``, seeded for that trial.
+def startup_trials(n_trials: int | None, expected_trials: int | None) -> int:
+    """TPE's random start-up: a third of the trials the search will run, 3 to 10.
+
+    Optuna's 10 suits searches of hundreds of trials; ours are tens. The count is ``--n-trials``, or with a
+    budget the trials the plan expects it to fit, whichever is smaller; 30 when neither is known. Before, a budget
+    alone always meant 10, so a 30-minute search that fitted 11 trials was a random search but for its last trial.
+    """
+    known = [n for n in (n_trials, expected_trials) if n]
+    return max(3, min(10, (min(known) if known else 30) // 3))
+
+
+def _sampler(tc: TuneConfig, startup: int, trial_number: int | None = None) -> optuna.samplers.BaseSampler:
+    """The seeded sampler (TPE after ``startup`` random trials); with ``trial_number``, seeded for that trial.
 
     One sampler seeded once would give every worker of a shared study the same random stream, so three
     workers started together proposed the same three configurations. Seeding from (seed, trial number)
@@ -135,8 +146,6 @@ def _sampler(tc: TuneConfig, n_trials: int | None, trial_number: int | None = No
     seed = tc.sampler_seed if trial_number is None else (tc.sampler_seed * 1_000_003 + trial_number) % 2**32
     if tc.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    # Fewer random start-up trials than Optuna's 10: searches here are tens of trials, not hundreds.
-    startup = max(3, min(10, (n_trials or 30) // 3))
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
                                       group=True, constant_liar=True)
 
@@ -381,23 +390,26 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
     if plan is not None:
         from lmtune.tune.plan import PlanCheck
         plan_check = PlanCheck(out)
+    expected_trials = plan.trials_in_budget if plan is not None and budget is not None else None
+    startup = startup_trials(tc.n_trials, expected_trials)
     direction = "maximize" if run.train.higher_is_better else "minimize"
     meta = {"study_name": tc.study_name, "storage": url, "task": task.name, "metric": run.train.metric, "direction": direction,
             "space": space.describe(), "space_json": space.to_json(), "best_dir": "best", "confirmation": "confirm.json",
             "n_trials": tc.n_trials, "data": run.data.__dict__, "base_config": run.to_dict(),
-            "plan": "plan.json" if plan is not None else None}
+            "plan": "plan.json" if plan is not None else None,
+            "tpe_startup_trials": startup if tc.sampler == "tpe" else None}
 
     storage = open_storage(url, tc)
     created = False
     try:
         study = optuna.create_study(storage=storage, study_name=tc.study_name, direction=direction,
-                                    sampler=_sampler(tc, tc.n_trials), pruner=_pruner(tc), load_if_exists=False)
+                                    sampler=_sampler(tc, startup), pruner=_pruner(tc), load_if_exists=False)
         created = True
         study.set_user_attr("data", _data_signature(run))
         study.set_user_attr("space", space.describe())
         study.set_user_attr("metric", run.train.metric)
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(storage=storage, study_name=tc.study_name, sampler=_sampler(tc, tc.n_trials),
+        study = optuna.load_study(storage=storage, study_name=tc.study_name, sampler=_sampler(tc, startup),
                                   pruner=_pruner(tc))
         stored = study.user_attrs.get("space")
         if stored is not None and stored != space.describe():
@@ -445,6 +457,12 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
     log.info("search space: " + "; ".join(f"{k} {v}" for k, v in space.describe().items()))
     log.info(f"data: {n_train} training rows, {len(bundle.val)} validation rows; metric {run.train.metric}; "
              f"pruner {tc.pruner}; {_trial_limit_text(tc.n_trials, tc.budget)}")
+    if tc.sampler == "tpe":
+        log.info(f"sampler tpe: the first {startup} finished trials are its random start-up (a third of "
+                 + (f"the ~{expected_trials} trials the plan expects the budget to fit" if expected_trials
+                    and (tc.n_trials is None or expected_trials < tc.n_trials) else
+                    f"{tc.n_trials} trials" if tc.n_trials else "30 trials, the budget's trials being unknown")
+                 + ", 3 to 10), then it models the finished ones")
     threads = worker.apply()
     log.info(threads.describe())
 
@@ -494,7 +512,7 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
                 else:
                     _ensure_slots(study, tc.n_trials)  # a trial whose retries ran out frees its slot
                     continue
-            study.sampler = _sampler(tc, tc.n_trials, study._storage.get_trial_number_from_id(trial_id))
+            study.sampler = _sampler(tc, startup, study._storage.get_trial_number_from_id(trial_id))
             trial = optuna.Trial(study, trial_id)
             if tc.n_trials is not None and _is_surplus(study, trial.number, tc.n_trials):
                 _drop_surplus(study, trial_id)
