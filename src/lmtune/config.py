@@ -204,8 +204,8 @@ class TrainConfig:
 
     _section: ClassVar[str] = "train"
 
-    learning_rate: float = 5e-5
-    """Peak learning rate of AdamW (alias: --lr)."""
+    learning_rate: float | None = None
+    """Peak learning rate of AdamW (alias: --lr); default by task: 5e-5 for classification, 1e-4 for generation."""
     global_batch_size: int = 16
     """Examples per optimizer step, summed over gradient accumulation and processes (alias: --batch-size)."""
     micro_batch_size: int | None = None
@@ -259,7 +259,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        _check(self, self.learning_rate > 0, "learning_rate", "must be > 0", self.learning_rate)
+        _check(self, self.learning_rate is None or self.learning_rate > 0, "learning_rate", "must be > 0", self.learning_rate)
         _check(self, self.global_batch_size >= 1, "global_batch_size", "must be >= 1", self.global_batch_size)
         _check(self, self.micro_batch_size is None or self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1", self.micro_batch_size)
         _check(self, self.epochs >= 1, "epochs", "must be >= 1", self.epochs)

@@ -11,7 +11,8 @@ import optuna
 import pytest
 
 from lmtune.cli import main
-from lmtune.config import RunConfig, TuneConfig
+from lmtune.config import DataConfig, RunConfig, TuneConfig
+from lmtune.tasks import resolve_task
 from lmtune.tune.space import build_space
 from lmtune.tune.study import _FinishPlan, leaderboard
 from tests.tune.conftest import base_args, load
@@ -21,7 +22,8 @@ def test_defaults_are_projected_into_the_space():
     space = build_space({"learning_rate": "1e-4..1e-3:log", "global_batch_size": "8,32", "epochs": "1..2",
                          "method": "full,lora"}, n_train_rows=500, params_m_of={"m": 100.0}, default_model="m",
                          default_method="full")
-    d = space.defaults(RunConfig())  # lmtune train's defaults: lr 5e-5, batch 16, epochs 3, warmup 0.06, wd 0.01
+    # lmtune train's classification defaults: lr 5e-5, batch 16, epochs 3, warmup 0.06, wd 0.01
+    d = space.defaults(resolve_task(RunConfig(data=DataConfig(task="classification")))[1])
     assert d["learning_rate"] == pytest.approx(1e-4)  # clipped into the range
     assert d["global_batch_size"] in (8, 32)  # the nearest choice (16 is as near to both on a log scale)
     assert d["epochs"] == 2 and d["warmup_ratio"] == pytest.approx(0.06) and d["weight_decay"] == 0.01

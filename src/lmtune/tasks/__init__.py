@@ -38,7 +38,7 @@ def detect_task(data: Any) -> str:
 
 def resolve_task(cfg: Any) -> tuple[Task, Any]:
     """The task of a RunConfig (detected when ``--task auto``) and a copy of it whose ``data.task`` and
-    ``train.metric`` are concrete, so the run record says what ran."""
+    ``train.metric`` and ``train.learning_rate`` are concrete, so the run record says what ran."""
     name = cfg.data.task if cfg.data.task != "auto" else detect_task(cfg.data)
     task = get_task(name)
     metric = cfg.train.metric
@@ -49,6 +49,8 @@ def resolve_task(cfg: Any) -> tuple[Task, Any]:
     resolved = copy.deepcopy(cfg)
     resolved.data.task = name
     resolved.train.metric = metric
+    if resolved.train.learning_rate is None:
+        resolved.train.learning_rate = task.default_learning_rate
     return task, resolved
 
 

@@ -25,6 +25,9 @@ class Task(Protocol):
     default_metric: str
     """The metric that picks the best checkpoint when --metric is auto."""
 
+    default_learning_rate: float
+    """The peak learning rate when --lr is not given (docs/training.md gives the measurements behind it)."""
+
     def load_data(self, cfg: Any) -> Any:
         """Read and split the data (``cfg``: the RunConfig). The result has ``train``, ``val`` and ``summary``."""
 

@@ -27,6 +27,7 @@ class ClassificationTask:
     name = "classification"
     metrics = METRICS
     default_metric = "accuracy"
+    default_learning_rate = 5e-5
 
     def load_data(self, cfg: Any) -> Any:
         from lmtune.data import load_data
