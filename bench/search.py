@@ -80,9 +80,9 @@ GOAL_TIME_FRACTION = 1 / 3
 EVALS_PER_EPOCH = 2
 EVAL_BATCH = 32
 SEARCH_TRAIN_SEED = 0
-# Random start-up trials before TPE models anything: Optuna's TPESampler default (the Trainer's) and lmtune's
-# with --n-trials none (lmtune.tune.study._sampler: max(3, min(10, 30 // 3))).
-TPE_STARTUP_TRIALS = 10  # Optuna's default (trainer-optuna), and lmtune's with a budget alone before it sized its own
+# Random start-up trials before TPE models anything: Optuna's TPESampler default (trainer-optuna's), and lmtune's
+# with a budget alone in results written before lmtune recorded its own (study.json's tpe_startup_trials).
+TPE_STARTUP_TRIALS = 10
 LMTUNE_TRIAL_KEYS = ("learning_rate", "global_batch_size", "epochs", "warmup_ratio", "weight_decay", "eval_every_steps")
 
 SPACE = {"learning_rate": (1e-5, 2e-4), "global_batch_size": (16, 32), "epochs": (1, 2), "warmup_ratio": (0.0, 0.1),

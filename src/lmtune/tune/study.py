@@ -390,7 +390,7 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
     if plan is not None:
         from lmtune.tune.plan import PlanCheck
         plan_check = PlanCheck(out)
-    expected_trials = plan.trials_in_budget if plan is not None and budget is not None else None
+    expected_trials = None if plan is None else plan.trials_in_budget  # None without a budget
     startup = startup_trials(tc.n_trials, expected_trials)
     direction = "maximize" if run.train.higher_is_better else "minimize"
     meta = {"study_name": tc.study_name, "storage": url, "task": task.name, "metric": run.train.metric, "direction": direction,
