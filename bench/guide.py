@@ -2,7 +2,7 @@
 
     python -m bench guide                 # rewrite docs/key-parameters.md from bench/results/*/guide.json
     python -m bench guide --check         # exit 1 when the page differs from what the studies say
-    python -m bench guide --recompute     # first recompute each study's importances from its leaderboard.csv
+    python -m bench guide --recompute     # first recompute each study's answer.json from its raw trials
 
 Every number on the page is read from a study folder under ``bench/results`` that holds ``guide.json`` (what the
 study is: data set, task, models, rows, the commands that made it, notes), the study's own ``answer.json`` (the
@@ -74,6 +74,25 @@ def _gain(gain: float, answer: dict[str, Any]) -> str:
     return gain_words(gain, answer["metric"], answer.get("direction"))
 
 
+VERDICT_WORDS = {"within": "within seed noise", "beyond": "beyond seed noise, on every seed",
+                 "mixed": "not settled, the seeds disagree"}
+
+
+def _verdict_words(d: dict[str, Any]) -> str:
+    """The answer's verdict on tuned against the defaults (answers stored before the verdict existed carry only
+    ``within_noise``)."""
+    verdict = d.get("verdict") or ("within" if d.get("within_noise") else "beyond")
+    return VERDICT_WORDS[verdict]
+
+
+def settled_rank(b: dict[str, Any], bands: list[dict[str, Any]]) -> int:
+    """1 + the number of parameters whose band lies wholly above this one's: parameters whose bands overlap
+    share a rank, since the order of their medians is within the bootstrap's spread."""
+    if b.get("high") is None:
+        return bands.index(b) + 1
+    return 1 + sum(1 for x in bands if x is not b and x.get("low") is not None and x["low"] > b["high"])
+
+
 def study_section(s: dict[str, Any]) -> list[str]:
     a = s["answer"]
     metric = a["metric"]
@@ -95,12 +114,15 @@ def study_section(s: dict[str, Any]) -> list[str]:
         if name not in ranked:
             lines.append(f"| {name} | not ranked | {_span(v)} | {_best(v)} |")
     d = a.get("defaults_vs_tuned") or {}
-    if d.get("default_mean") is not None and d.get("tuned_mean") is not None:
+    if d.get("default_mean") is not None and d.get("tuned_mean") is not None and d.get("noise") is not None:
+        per_seed = "; per seed (tuned minus defaults, + is better): " + ", ".join(
+            f"{g:+.4f}" for _, g in d["seed_gains"]) if d.get("seed_gains") else ""
+        fresh = (f"; on the confirmation seeds alone {d['fresh_seed_gain']:+.4f}"
+                 if d.get("fresh_seed_gain") is not None else "")
         lines += ["", f"Defaults against tuned, same seeds {d.get('seeds')}: defaults {_fmt_value(d['default_mean'], metric)} "
                       f"+- {_fmt_value(d.get('default_std'), metric)}, tuned (trial {d.get('tuned_trial')}) "
                       f"{_fmt_value(d['tuned_mean'], metric)} +- {_fmt_value(d.get('tuned_std'), metric)}: "
-                      f"{_gain(d['gain'], a)}, seed noise {d['noise']:.4g}, "
-                      + ("**within seed noise**." if d.get("within_noise") else "**beyond seed noise**.")]
+                      f"{_gain(d['gain'], a)}, seed noise {d['noise']:.4g}{per_seed}{fresh}: **{_verdict_words(d)}**."]
     if len(a.get("sizes") or []) > 1:
         lines += ["", "| model | complete | best | confirmed mean +- std | s per trial |", "|---|---|---|---|---|"]
         for z in a["sizes"]:
@@ -127,7 +149,7 @@ def across(studies: list[dict[str, Any]]) -> list[str]:
         for s in studies:
             imps = s["answer"]["importances"]
             b = next((x for x in imps if x["parameter"] == n), None)
-            cells.append(f"#{imps.index(b) + 1}: {b['importance']:.2f} ({b['low']:.2f}..{b['high']:.2f})" if b else "not searched")
+            cells.append(f"#{settled_rank(b, imps)}: {b['importance']:.2f} ({b['low']:.2f}..{b['high']:.2f})" if b else "not searched")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     from lmtune.tune.answer import defaults_spread
 
@@ -137,13 +159,18 @@ def across(studies: list[dict[str, Any]]) -> list[str]:
         if d.get("defaults_best"):  # no searched trial beat them: nothing was bought
             gains.append(f"{s['data']}: nothing, the defaults were the best trial ({defaults_spread(d)})")
         elif d.get("gain") is not None and d.get("noise") is not None:
-            gains.append(f"{s['data']}: {_gain(d['gain'], s['answer'])} (seed noise {d['noise']:.4g}, "
-                         + ("within" if d.get("within_noise") else "beyond") + " it)")
+            gains.append(f"{s['data']}: {_gain(d['gain'], s['answer'])} (seed noise {d['noise']:.4g}: "
+                         f"{_verdict_words(d)})")
         elif d.get("gain") is not None:  # the budget left no room to run the defaults on the confirmation seeds
-            gains.append(f"{s['data']}: {_gain(d['gain'], s['answer'])} against the defaults on one seed "
-                         "(they were not confirmed: seed noise not measured, so not a conclusion)")
+            gains.append(f"{s['data']}: {_gain(d['gain'], s['answer'])} against the defaults on the search seed, "
+                         "one run each (the defaults were not confirmed: seed noise not measured, so not a conclusion)")
     return lines + ["", "Tuning against the documented defaults, on the same seeds: "
                     + ("; ".join(gains) or "not measured") + "."]
+
+
+def _trial_span(studies: list[dict[str, Any]]) -> str:
+    counts = sorted(s["answer"]["trials"].get("complete", 0) for s in studies) or [0]
+    return f"{counts[0]}" if counts[0] == counts[-1] else f"{counts[0]} to {counts[-1]}"
 
 
 def render(studies: list[dict[str, Any]]) -> str:
@@ -158,8 +185,10 @@ def render(studies: list[dict[str, Any]]) -> str:
              "ends with (`answer.json`: fANOVA importances over 30 bootstrap resamples of the finished trials, the "
              "median with its 10..90 % band, where the best quarter of trials lies, the tuned best against the "
              "documented defaults on the same seeds), "
-             "shown here per study and side by side. Read the bands before the numbers: a study of 10 to 20 trials ranks "
-             "parameters only roughly, and the studies say so themselves.", ""]
+             "shown here per study and side by side. Read the bands before the numbers: a study of "
+             f"{_trial_span(studies)} finished trials ranks parameters only roughly, and the studies say so themselves. "
+             "A rank is 1 + the number of parameters whose band lies wholly above the parameter's own, so parameters "
+             "whose bands overlap share a rank.", ""]
     coverage = [f"Studies so far: {', '.join(sorted(covered, key=lambda d: WANTED.index(d) if d in WANTED else 9))}."
                 if studies else "No study yet."]
     if missing:
@@ -176,17 +205,23 @@ def render(studies: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def study_trials(folder: Path, answer: dict[str, Any]) -> list[Any]:
-    """The finished trials of a study, rebuilt from its ``leaderboard.csv`` (values and parameters) and the
-    searched ranges and choices its ``answer.json`` recorded; in trial order, as ``lmtune tune`` holds them."""
+def rebuild_study(folder: Path, answer: dict[str, Any]) -> Any:
+    """An in-memory Optuna study of a stored study's trials, rebuilt from its ``leaderboard.csv`` (state, value,
+    seconds and parameters of every trial, pruned ones included) and the searched ranges and choices its
+    ``answer.json`` recorded, with the same trial numbers, the defaults' trial marked as ``lmtune tune`` marks it
+    and the fixed model named: what ``compute_answer`` needs to recompute the whole answer."""
     import csv
     import math
 
+    import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
     from optuna.trial import TrialState, create_trial
 
+    from lmtune.tune.answer import DEFAULT_ATTR
+
+    metric = answer["metric"]
     with (folder / "leaderboard.csv").open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["state"] == "COMPLETE" and r[answer["metric"]] not in ("", None)]
+        rows = {int(r["trial"]): r for r in csv.DictReader(f)}
     params = answer["parameters"]
 
     def parse(raw: str, like: list[Any]) -> Any:
@@ -203,35 +238,65 @@ def study_trials(folder: Path, answer: dict[str, Any]) -> list[Any]:
         return FloatDistribution(*v["searched"], log=bool(v.get("log")))
 
     dists = {name: distribution(v) for name, v in params.items()}
-    trials = []
-    for r in sorted(rows, key=lambda r: int(r["trial"])):
+    default_trial = (answer.get("defaults_vs_tuned") or {}).get("default_trial")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(direction=answer["direction"])
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    study.set_user_attr("metric", metric)
+    sizes = answer.get("sizes") or []
+    if len(sizes) == 1:
+        study.set_user_attr("space", {"model": sizes[0]["model"]})
+    for number in range(max(rows, default=-1) + 1):
+        r = rows.get(number)
+        if r is None:  # a trial the leaderboard does not list keeps its number, as a failure
+            study.add_trial(create_trial(state=TrialState.FAIL))
+            continue
         values = {name: parse(r[name], v["searched"]) for name, v in params.items() if r.get(name) not in ("", None)}
-        value = float(r[answer["metric"]])
-        if math.isfinite(value):
-            trials.append(create_trial(params=values, distributions={n: dists[n] for n in values}, value=value,
-                                       state=TrialState.COMPLETE))
-    return trials
+        raw = r.get(metric)
+        value = float(raw) if raw not in ("", None) else None
+        state = TrialState[r["state"]]
+        if state == TrialState.COMPLETE and (value is None or not math.isfinite(value)):
+            state = TrialState.FAIL
+        attrs: dict[str, Any] = {DEFAULT_ATTR: True} if number == default_trial else {}
+        if r.get("seconds") not in ("", None):
+            attrs["seconds"] = float(r["seconds"])
+        study.add_trial(create_trial(params=values, distributions={n: dists[n] for n in values},
+                                     value=value if state == TrialState.COMPLETE else None, state=state,
+                                     user_attrs=attrs))
+    return study
+
+
+def study_trials(folder: Path, answer: dict[str, Any]) -> list[Any]:
+    """The finished trials of a stored study, in trial order, as ``lmtune tune`` holds them."""
+    from optuna.trial import TrialState
+
+    return rebuild_study(folder, answer).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
 def recompute(results: Path = RESULTS) -> None:
-    """Importances and statements of every study, by lmtune's current estimator, from its raw trials."""
-    from lmtune.tune.answer import importance_bands, statements
+    """Every study's whole answer, by lmtune's current code, from its raw trials (``leaderboard.csv``), its seed
+    confirmation (``confirm.json``), its refit and its budget."""
+    from lmtune.tune.answer import compute_answer
 
     for meta in sorted(results.glob("*/guide.json")):
         path = meta.parent / "answer.json"
         answer = json.loads(path.read_text())
-        trials = study_trials(meta.parent, answer)
-        answer["importances"] = importance_bands(answer["direction"], trials, list(answer["parameters"]))
-        answer["statements"] = statements(answer)
-        path.write_text(json.dumps(answer, indent=2) + "\n")
-        print(f"recomputed {path} from {len(trials)} finished trials")
+        conf = meta.parent / "confirm.json"
+        study = rebuild_study(meta.parent, answer)
+        new = compute_answer(study, confirmation=json.loads(conf.read_text()) if conf.is_file() else None,
+                             refit=answer.get("refit"), budget_s=answer.get("budget_s"))
+        path.write_text(json.dumps(new, indent=2) + "\n")
+        print(f"recomputed {path} from {new['trials']['complete']} finished trials")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true", help="exit 1 when docs/key-parameters.md is not what the studies say")
     p.add_argument("--recompute", action="store_true",
-                   help="first recompute each study's importances and statements from its leaderboard.csv with "
-                        "lmtune's current estimator (answer.json is rewritten)")
+                   help="first recompute each study's answer from its leaderboard.csv and confirm.json with "
+                        "lmtune's current code (answer.json is rewritten)")
 
 
 def run(ns: argparse.Namespace) -> int:

@@ -38,8 +38,8 @@ def test_every_number_on_the_page_comes_from_the_study(tmp_path: Path):
     page = guide.render(studies)
     assert "| learning_rate | 0.71 (0.52..0.88) | 1e-05..0.001 (log) | 0.0002..0.0005 |" in page
     assert "| weight_decay | not ranked | 0, 0.1 | 0.0 x1, 0.1 x2 |" in page
-    assert "bought +0.0500 accuracy, seed noise 0.01, **beyond seed noise**" in page
-    assert "bought +0.0050 accuracy, seed noise 0.01, **within seed noise**" in page
+    assert "bought +0.0500 accuracy, seed noise 0.01: **beyond seed noise, on every seed**" in page
+    assert "bought +0.0050 accuracy, seed noise 0.01: **within seed noise**" in page
     assert "Not yet studied: AG News, E2E" in page
     assert "| learning_rate | #1: 0.71 (0.52..0.88) | #1: 0.71 (0.52..0.88) |" in page  # side by side
     assert "- a statement" in page and "- a note" in page
@@ -74,8 +74,8 @@ def test_a_study_whose_defaults_were_not_confirmed_says_so_instead_of_dropping_o
                         "confirmed_std": None, "seconds_per_trial": 66.86}]
     (tmp_path / "a" / "answer.json").write_text(json.dumps(answer))
     page = guide.render(guide.load_studies(tmp_path))
-    assert ("TREC: bought +0.0600 accuracy against the defaults on one seed (they were not confirmed: seed noise "
-            "not measured, so not a conclusion)") in page
+    assert ("TREC: bought +0.0600 accuracy against the defaults on the search seed, one run each (the defaults were "
+            "not confirmed: seed noise not measured, so not a conclusion)") in page
     assert "| big | 4 | 0.9300 | 0.9244 +- 0.0096 | 171 |" in page
     assert "| small | 3 | 0.8900 | not confirmed | 67 |" in page
 
@@ -92,3 +92,38 @@ def test_a_study_whose_defaults_won_says_tuning_bought_nothing(tmp_path: Path):
     assert "AG News: nothing, the defaults were the best trial (0.8878 +- 0.0084 over 3 seeds)" in page
     assert "AG News: bought" not in page
     assert "**Coverage.** Studies so far: SST-2, AG News. Not yet studied: TREC, E2E;" in page
+
+
+def test_a_gain_the_seeds_disagree_on_is_shown_as_not_settled_with_its_seeds(tmp_path: Path):
+    _study(tmp_path / "a", "SST-2", gain=0.0156, noise=0.0144)
+    _study(tmp_path / "b", "TREC", gain=0.005, noise=0.01)
+    answer = json.loads((tmp_path / "a" / "answer.json").read_text())
+    answer["defaults_vs_tuned"] |= {"seed_gains": [[0, 0.0367], [1, 0.0133], [2, -0.0033]], "search_seed": 0,
+                                    "fresh_seed_gain": 0.005, "verdict": "mixed", "within_noise": True}
+    (tmp_path / "a" / "answer.json").write_text(json.dumps(answer))
+    page = guide.render(guide.load_studies(tmp_path))
+    assert ("per seed (tuned minus defaults, + is better): +0.0367, +0.0133, -0.0033; on the confirmation seeds alone "
+            "+0.0050: **not settled, the seeds disagree**") in page
+    assert "SST-2: bought +0.0156 accuracy (seed noise 0.0144: not settled, the seeds disagree)" in page
+
+
+def test_parameters_whose_bands_overlap_share_a_rank():
+    bands = [{"parameter": "a", "importance": 0.5, "low": 0.4, "high": 0.6},
+             {"parameter": "b", "importance": 0.3, "low": 0.2, "high": 0.45},  # overlaps a: a tie for first
+             {"parameter": "c", "importance": 0.1, "low": 0.0, "high": 0.15}]  # a and b lie wholly above it
+    assert [guide.settled_rank(b, bands) for b in bands] == [1, 1, 3]
+
+
+def test_every_stored_answer_is_what_the_current_code_computes_from_its_raw_trials():
+    # answer.json is written once, at the end of a study; when lmtune's answer code changes, `python -m bench guide
+    # --recompute` must rewrite it, or the guide shows conclusions the code no longer draws.
+    from bench.common import RESULTS
+    from lmtune.tune.answer import compute_answer
+
+    for meta in sorted(RESULTS.glob("*/guide.json")):
+        stored = json.loads((meta.parent / "answer.json").read_text())
+        conf = meta.parent / "confirm.json"
+        fresh = compute_answer(guide.rebuild_study(meta.parent, stored),
+                               confirmation=json.loads(conf.read_text()) if conf.is_file() else None,
+                               refit=stored.get("refit"), budget_s=stored.get("budget_s"))
+        assert json.loads(json.dumps(fresh)) == stored, f"{meta.parent.name}: run python -m bench guide --recompute"
