@@ -111,6 +111,14 @@ def test_a_gain_beyond_the_noise_on_average_that_a_seed_contradicts_is_not_settl
     assert "+0.0050" in text
 
 
+def test_a_confirmation_without_per_seed_values_is_judged_on_its_means():
+    from lmtune.tune.answer import verdict_of
+
+    assert verdict_of(0.05, 0.01, []) == "beyond" and verdict_of(0.005, 0.01, []) == "within"
+    assert verdict_of(-0.05, 0.01, [[0, -0.04], [1, -0.06]]) == "beyond"  # the defaults better on every seed
+    assert verdict_of(0.05, 0.01, [[0, 0.1], [1, 0.0]]) == "mixed"  # a tie on a seed is not agreement
+
+
 def test_defaults_run_once_are_compared_on_their_seed_not_against_the_tuned_mean():
     # TREC's study: the tuned trial 0.93 on the search seed, 0.9244 over three; the defaults 0.8667 once. The gain
     # was stated as 0.0578 "one seed each", which set the three-seed mean against the defaults' single run.

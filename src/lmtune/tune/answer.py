@@ -274,8 +274,8 @@ def verdict_of(gain: float, noise: float, seed_gains: list[list[float]]) -> str:
     average of +0.016 against a noise of 0.014, and the defaults won on one of three seeds: not a finding)."""
     if abs(gain) <= noise:
         return "within"
-    agree = seed_gains and all(g * gain > 0 for _, g in seed_gains)
-    return "beyond" if agree else "mixed"
+    # Without paired seeds (values not recorded) only the means can speak.
+    return "beyond" if all(g * gain > 0 for _, g in seed_gains) else "mixed"
 
 
 def _signed(values: list[list[float]]) -> str:
@@ -398,7 +398,8 @@ def _defaults_statement(d: dict[str, Any], metric: str, direction: str | None) -
     if verdict == "within":
         text = f"{head}: within seed noise."
     elif verdict == "beyond":
-        text = f"{head}: beyond seed noise, on every seed ({_signed(seeds)}; tuned minus defaults, + is better)."
+        text = (f"{head}: beyond seed noise, on every seed ({_signed(seeds)}; tuned minus defaults, + is better)."
+                if seeds else f"{head}: beyond seed noise.")
     else:
         against = [int(seed) for seed, g in seeds if g * d["gain"] <= 0]
         text = (f"{head}: not settled: larger than the seed noise on average, but seed{'s' if len(against) > 1 else ''} "
