@@ -79,10 +79,10 @@ VERDICT_WORDS = {"within": "within seed noise", "beyond": "beyond seed noise, on
 
 
 def _verdict_words(d: dict[str, Any]) -> str:
-    """The answer's verdict on tuned against the defaults (answers stored before the verdict existed carry only
-    ``within_noise``)."""
-    verdict = d.get("verdict") or ("within" if d.get("within_noise") else "beyond")
-    return VERDICT_WORDS[verdict]
+    """The answer's verdict on tuned against the defaults, in the page's words."""
+    from lmtune.tune.answer import verdict_name
+
+    return VERDICT_WORDS[verdict_name(d)]
 
 
 def settled_rank(b: dict[str, Any], bands: list[dict[str, Any]]) -> int:
@@ -213,11 +213,10 @@ def rebuild_study(folder: Path, answer: dict[str, Any]) -> Any:
     import csv
     import math
 
-    import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
     from optuna.trial import TrialState, create_trial
 
-    from lmtune.tune.answer import DEFAULT_ATTR
+    from lmtune.tune.answer import DEFAULT_ATTR, quiet_study
 
     metric = answer["metric"]
     with (folder / "leaderboard.csv").open(newline="") as f:
@@ -239,12 +238,7 @@ def rebuild_study(folder: Path, answer: dict[str, Any]) -> Any:
 
     dists = {name: distribution(v) for name, v in params.items()}
     default_trial = (answer.get("defaults_vs_tuned") or {}).get("default_trial")
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.create_study(direction=answer["direction"])
-    finally:
-        optuna.logging.set_verbosity(verbosity)
+    study = quiet_study(answer["direction"])
     study.set_user_attr("metric", metric)
     sizes = answer.get("sizes") or []
     if len(sizes) == 1:

@@ -77,13 +77,18 @@ def _searched_parameters(done: list[optuna.trial.FrozenTrial]) -> list[str]:
     return [n for n in names if len({repr(t.params[n]) for t in done if n in t.params}) > 1]
 
 
-def _importances(direction, trials: list[optuna.trial.FrozenTrial], names: list[str], seed: int) -> dict[str, float]:
+def quiet_study(direction) -> optuna.Study:
+    """An in-memory study, without Optuna's "A new study created in memory" line (one per bootstrap resample)."""
     verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line per resample
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(direction=direction)
+        return optuna.create_study(direction=direction)
     finally:
         optuna.logging.set_verbosity(verbosity)
+
+
+def _importances(direction, trials: list[optuna.trial.FrozenTrial], names: list[str], seed: int) -> dict[str, float]:
+    study = quiet_study(direction)
     study.add_trials(trials)
     params = [n for n in names if all(n in t.params for t in trials) and len({repr(t.params[n]) for t in trials}) > 1]
     if not params:
@@ -257,6 +262,12 @@ def _defaults_vs_tuned(study, done, confirmation, maximize: bool) -> dict[str, A
     return view
 
 
+def verdict_name(d: dict[str, Any]) -> str:
+    """The verdict of a defaults-against-tuned view (answers stored before the verdict existed carry only
+    ``within_noise``)."""
+    return d.get("verdict") or ("within" if d.get("within_noise") else "beyond")
+
+
 def _seed_gains(tuned: dict[str, Any], base: dict[str, Any], sign: float) -> list[list[float]]:
     """[seed, tuned minus defaults in the metric's good direction] for every seed both ran to a finite value."""
     base_by_seed = dict(zip(base.get("seeds") or [], base.get("values") or []))
@@ -393,7 +404,7 @@ def _defaults_statement(d: dict[str, Any], metric: str, direction: str | None) -
     head = (f"Tuning {gain_words(d['gain'], metric, direction)} over the defaults on the same seeds "
             f"({d['tuned_mean']:.4f} +- {d['tuned_std']:.4f} vs {d['default_mean']:.4f} +- {d['default_std']:.4f}, "
             f"seed noise {d['noise']:.4f})")
-    verdict = d.get("verdict") or ("within" if d["within_noise"] else "beyond")
+    verdict = verdict_name(d)
     seeds = d.get("seed_gains") or []
     if verdict == "within":
         text = f"{head}: within seed noise."
