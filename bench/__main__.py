@@ -13,6 +13,7 @@
     python -m bench metric-choice                    # generation: does val_loss pick the checkpoints and trials ROUGE-L/BLEU pick?
     python -m bench labels-as-words                  # SST-2 with the labels written as words (generation) vs the classification head
     python -m bench guide                            # docs/key-parameters.md from the studies in bench/results (--check, --recompute)
+    python -m bench tpe-replay RESULT.json           # a search benchmark's TPE proposals replayed: why it proposed what it did
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     gd = sub.add_parser("guide", help="rewrite docs/key-parameters.md from the studies in bench/results (--check: compare)",
                         description=guide.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     guide.add_arguments(gd)
+    from bench import tpe_replay
+    tr = sub.add_parser("tpe-replay", help="replay a search benchmark's TPE proposals from its result file, and show "
+                                           "them what it saw in other ways (pruned trials hidden, GP)",
+                        description=tpe_replay.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tpe_replay.add_arguments(tr)
     ns = p.parse_args(argv)
 
     if ns.cmd == "gpu":
@@ -96,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if ns.cmd == "guide":
         return guide.run(ns)
+    if ns.cmd == "tpe-replay":
+        return tpe_replay.run(ns)
     from bench import quality, search, throughput
     if ns.cmd == "throughput":
         throughput.run(ns.data, ns.rows, ns.steps, ns.repeats, max_length=ns.max_length, val_rows=ns.val_rows, threads=ns.threads,
