@@ -17,6 +17,7 @@ the contenders reversed from one seed to the next; ``--tiny`` and ``--same-proce
   (``confirm_seeds=0``, ``refit="never"``): the benchmark confirms every contender the same way after its budget.
   Generation: ``eval_generate_rows=0`` (the objective is the validation loss, which needs no decoding).
 * ``lmtune-random``: the same with ``sampler="random"``.
+* ``lmtune-gp`` (opt-in, ``--contenders``): the same with ``sampler="gp"`` (Optuna's ``GPSampler``, the same start-up).
 * ``lmtune-warm`` (with ``--warm-start STUDY``): the same as lmtune-tpe with ``TuneConfig.warm_start``.
 * ``trainer-optuna`` (the baseline): ``transformers.Trainer`` with ``model_init`` and its best CPU flags (bf16 where
   the CPU has native bf16, fp32 elsewhere, ``train_sampling_strategy="group_by_length"``, evaluation batch 32),
@@ -74,8 +75,9 @@ from bench.common import RESULTS, ROOT, data_dir, fmt, machine, machine_line, sa
 MODEL = "smollm2-135m-instruct"
 BASELINE = "trainer-optuna"
 CONTENDERS = ("lmtune-tpe", "lmtune-random", "trainer-optuna")
-ALL_CONTENDERS = CONTENDERS + ("lmtune-warm",)
-GOAL_CONTENDERS = ("lmtune-tpe", "lmtune-warm")  # "lmtune" in the goal; lmtune-random is the control
+ALL_CONTENDERS = CONTENDERS + ("lmtune-warm", "lmtune-gp")
+GOAL_CONTENDERS = ("lmtune-tpe", "lmtune-warm", "lmtune-gp")  # "lmtune" in the goal; lmtune-random is the control
+SAMPLER_OF = {"lmtune-random": "random", "lmtune-gp": "gp"}  # the other lmtune contenders run TPE
 GOAL_TIME_FRACTION = 1 / 3
 EVALS_PER_EPOCH = 2
 EVAL_BATCH = 32
@@ -326,7 +328,7 @@ def search_lmtune(spec: dict[str, Any], t0: float) -> dict[str, Any]:
                 raise optuna.TrialPruned("past the benchmark's budget")  # nothing after the budget counts
         return original(cfg, on_evaluate=hook, **kw)
 
-    sampler = "random" if spec["who"] == "lmtune-random" else "tpe"
+    sampler = SAMPLER_OF.get(spec["who"], "tpe")
     warm = spec["warm_start"] if spec["who"] == "lmtune-warm" else None
     pkg.train = train
     try:
@@ -340,7 +342,7 @@ def search_lmtune(spec: dict[str, Any], t0: float) -> dict[str, Any]:
     meta = json.loads((Path(res.output_dir) / "study.json").read_text())
     return {"evals": evals, "trials": trials, "configs": configs, "counts": res.counts,
             "study_best_value": res.best_value, "study_best_trial": res.best_trial,
-            "tpe_startup_trials": meta.get("tpe_startup_trials")}
+            "sampler": sampler, "tpe_startup_trials": meta.get("startup_trials", meta.get("tpe_startup_trials"))}
 
 
 def confirm_lmtune(spec: dict[str, Any], trial_config: dict[str, Any], seed: int) -> float:
@@ -639,8 +641,9 @@ def median_or_none(values: list[float | None]) -> float | None:
 
 
 def startup_of(r: dict[str, Any]) -> int:
-    """The random start-up trials of a run's TPE: as its study recorded it (lmtune), else Optuna's default (the
-    baseline, and lmtune results written before lmtune recorded it, when a budget alone always meant 10)."""
+    """The random start-up trials of a run's model-based sampler (TPE, or lmtune-gp's GP): as its study recorded
+    it (lmtune), else Optuna's TPE default (the baseline, and lmtune results written before lmtune recorded it, when
+    a budget alone always meant 10)."""
     return r.get("tpe_startup_trials") or TPE_STARTUP_TRIALS
 
 
@@ -650,7 +653,8 @@ def startup_text(runs: list[dict[str, Any]]) -> str:
     for r in runs:
         if r["who"] != "lmtune-random" and not r.get("error"):
             counts.setdefault(r["who"], []).append(f"{startup_of(r)} (seed {r['seed']})")
-    return ("TPE models nothing before its random start-up trials have finished: "
+    return (("TPE (lmtune-gp: the GP, counting complete trials only)" if "lmtune-gp" in counts else "TPE")
+            + " models nothing before its random start-up trials have finished: "
             + "; ".join(f"{who} {', '.join(v)}" for who, v in counts.items()) + ".") if counts else ""
 
 
@@ -864,6 +868,7 @@ def markdown(res: dict[str, Any]) -> str:
               "Contenders: `lmtune-tpe` = `lmtune.tune` (seeded multivariate TPE, median pruner, defaults first, plan; "
               "its own confirmation and refit off" + (", `eval_generate_rows=0`" if s["task"] == "generation" else "")
               + "); `lmtune-random` = the same with random sampling; "
+              + ("`lmtune-gp` = the same with Optuna's GPSampler; " if "lmtune-gp" in s["contenders"] else "")
               + ("`lmtune-warm` = lmtune-tpe with `--warm-start " + str(s["warm_start"]) + "`; " if s["warm_start"] else "")
               + "`trainer-optuna` (baseline) = `Trainer.hyperparameter_search(backend=\"optuna\")`, "
               + ("bf16" if s.get("trainer_bf16", True) else "fp32 (no native bf16 on that CPU)") + ", group_by_length, "
@@ -882,7 +887,8 @@ def markdown(res: dict[str, Any]) -> str:
         c, fb, conf = r.get("counts") or {}, r.get("final_best") or {}, r.get("confirmation")
         conf_text = (f"{_value(conf['mean'], metric)} ± {_value(conf['std'], metric)} ("
                      + ", ".join(_value(v, metric) for v in conf["values"]) + ")") if conf else "-"
-        past = ("yes" if r["finished_trials"] > startup_of(r) else "no") if r["who"] != "lmtune-random" else "(random)"
+        modelled = c.get("complete", 0) if r["who"] == "lmtune-gp" else r["finished_trials"]  # GPSampler: complete only
+        past = ("yes" if modelled > startup_of(r) else "no") if r["who"] != "lmtune-random" else "(random)"
         lines.append(f"| {r['who']} | {r['seed']} | {c.get('complete', 0)} / {c.get('pruned', 0)} / {c.get('fail', 0)} | {past} | "
                      f"{r['evals_within_budget']} ({r['evals_after_budget']}) | {_value(fb.get('value'), metric)} | "
                      f"{fmt(fb.get('t_s'), 0)} | {conf_text} | {_seconds_text(r.get('time_to_baseline_best_s'))} | "

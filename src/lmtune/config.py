@@ -401,8 +401,8 @@ class TuneConfig:
     """Optuna storage URL; default SQLite in --out (study.db). A PostgreSQL URL lets many workers share one study."""
     study_name: str = "lmtune"
     """Name of the study inside the storage."""
-    sampler: Literal["tpe", "random"] = "tpe"
-    """tpe (seeded, multivariate) or random search."""
+    sampler: Literal["tpe", "gp", "random"] = "tpe"
+    """tpe (seeded, multivariate TPE), gp (Gaussian-process Bayesian optimisation: models the finished trials' values) or random search."""
     pruner: Literal["median", "hyperband", "asha", "none"] = "median"
     """Stops bad trials early from their evaluations: median, hyperband, asha (successive halving) or none."""
     sampler_seed: int = 0

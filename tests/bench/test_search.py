@@ -260,3 +260,16 @@ def test_the_report_says_each_tpe_start_up_as_the_run_recorded_it(classification
     assert "TPE models nothing before its random start-up trials have finished: " in md
     assert "trainer-optuna 10 (seed 0), 10 (seed 1)" in md
     assert search.startup_of({"who": "lmtune-tpe", "seed": 0}) == 10  # a result written before the field existed
+
+
+def test_lmtune_gp_is_lmtune_on_the_gp_sampler_with_its_start_up_said():
+    """The opt-in contender runs lmtune.tune with sampler="gp"; its goal is judged like lmtune-tpe's; the report's
+    start-up line says the GP counts complete trials only (Optuna's GPSampler leaves pruned ones out)."""
+    assert search.SAMPLER_OF.get("lmtune-gp") == "gp" and search.SAMPLER_OF.get("lmtune-tpe", "tpe") == "tpe"
+    assert "lmtune-gp" in search.GOAL_CONTENDERS and "lmtune-gp" not in search.CONTENDERS
+    runs = [{"who": "lmtune-gp", "seed": 0, "tpe_startup_trials": 3}, {"who": "trainer-optuna", "seed": 0},
+            {"who": "lmtune-random", "seed": 0, "tpe_startup_trials": None}]
+    assert search.startup_text(runs) == ("TPE (lmtune-gp: the GP, counting complete trials only) models nothing before "
+                                         "its random start-up trials have finished: lmtune-gp 3 (seed 0); "
+                                         "trainer-optuna 10 (seed 0).")
+    assert search.startup_text(runs[1:]).startswith("TPE models nothing before")

@@ -470,6 +470,46 @@ def test_a_trial_that_would_not_finish_in_the_budget_left_is_not_run(tune_data, 
     assert "sampler tpe: the first 3 finished trials are its random start-up (a third of 3 trials, 3 to 10)" in log
 
 
+def test_near_the_budget_end_a_random_draw_replaces_proposals_that_would_not_finish(tune_data, tiny_llama, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """TPE knows nothing of time. Here it proposes 3 epochs (24 min by the plan) over and over in a 12-minute budget
+    where 1 epoch (8 min) fits: after 5 such proposals the next is drawn at random from the same space until one
+    fits, and the search runs it instead of stopping after 20 proposals with the budget unused."""
+    import importlib
+
+    import optuna
+
+    from lmtune.tune import plan as plan_mod
+    from lmtune.tune.answer import FILL_ATTR
+
+    study_mod = importlib.import_module("lmtune.tune.study")
+    monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(plan_mod.Row, "trial_seconds",
+                        lambda self, epochs, max_steps=None: self.steps_per_epoch * epochs * 60.0)
+    monkeypatch.setattr(study_mod, "_plan_scale", lambda study: 1.0)  # the plan's 480 s an epoch, however fast it ran
+    real = study_mod._sampler
+
+    def three_epochs_always(tc, startup, trial_number=None):
+        base = real(tc, startup, trial_number)
+        return base if tc.sampler == "random" else optuna.samplers.PartialFixedSampler({"epochs": 3}, base)
+
+    monkeypatch.setattr(study_mod, "_sampler", three_epochs_always)
+    out = tmp_path / "study"
+    code = main(base_args(tune_data, tiny_llama, out, "--epochs", "1..3", "--budget", "12m", "--n-trials", "2",
+                          "--sampler-seed", "0", "--pruner", "none"))
+    err = capsys.readouterr()
+    assert code == 0, err
+    trials = sorted(load(out).get_trials(), key=lambda t: t.number)
+    ran = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(ran) == 2 and all(t.params["epochs"] == 1 for t in ran)
+    assert all(t.user_attrs[FILL_ATTR].startswith("drawn at random: the sampler's last ") for t in ran)
+    before_first = [t for t in trials if t.number < ran[0].number]
+    assert len(before_first) >= 5 and all(t.system_attrs.get("lmtune_over_budget") for t in before_first)
+    assert all(t.params["epochs"] == 3 for t in before_first[:5])  # the defaults and TPE's four
+    log = err.out + err.err
+    assert f"trial {ran[0].number}: drawn at random: the sampler's last " in log
+
+
 def test_tpe_start_up_is_a_third_of_the_trials_the_search_will_run():
     """Optuna's 10 random trials suit hundreds of trials; a 30-minute search here runs about ten, so a budget alone
     used to make TPE a random search but for its last trial."""

@@ -29,7 +29,7 @@ from lmtune.report._page import (BEST_COLOR, MUTED_COLOR, TRAIN_COLOR, Cell, Pag
                                  num_cell, scale_color, style)
 from lmtune.report._run import (RUN_RECORD, TEXT_METRICS, RunData, _finite, _json_type, add_run_sections, guarded,
                                 higher_is_better, inside, load_run, read_record, resolve_name, safe_file)
-from lmtune.tune.answer import DEFAULT_ATTR, answer_lines, default_trial_line
+from lmtune.tune.answer import DEFAULT_ATTR, FILL_ATTR, answer_lines, default_trial_line
 from lmtune.tune.warm import WARM_ATTR
 
 
@@ -480,6 +480,8 @@ def _origin(t: Any) -> str:
     """Where a trial's configuration came from, when not from the sampler."""
     if t.user_attrs.get(DEFAULT_ATTR) is True:
         return "the default configuration"
+    if t.user_attrs.get(FILL_ATTR):
+        return _reason(t.user_attrs[FILL_ATTR])
     warm = t.user_attrs.get(WARM_ATTR)
     if isinstance(warm, dict):
         value = warm.get("value")

@@ -35,6 +35,7 @@ from optuna.trial import TrialState
 
 ANSWER_FILE = "answer.json"
 DEFAULT_ATTR = "lmtune_default"
+FILL_ATTR = "lmtune_fill"  # a trial drawn at random because the sampler's proposals did not fit the time left
 MIN_TRIALS_FOR_IMPORTANCE = 3
 """fANOVA needs a few finished trials to fit its forest at all."""
 FEW_TRIALS = 10
