@@ -426,6 +426,22 @@ def test_tune_refuses_a_budget_that_fits_no_trial_and_leaves_no_study(tune_data,
     assert len(load(out).trials) == 1
 
 
+def _twelve_minute_study(tune_data, tiny_llama, tmp_path, monkeypatch, capsys, n_trials: int):
+    """A 12-minute study over 1..3 epochs where, by the plan, an epoch takes 8 minutes (120 rows in batches of 16: 8
+    steps at 60 s a step): the out folder, its trials in order, and the log."""
+    from lmtune.tune import plan as plan_mod
+
+    monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(plan_mod.Row, "trial_seconds",
+                        lambda self, epochs, max_steps=None: self.steps_per_epoch * epochs * 60.0)
+    out = tmp_path / "study"
+    code = main(base_args(tune_data, tiny_llama, out, "--epochs", "1..3", "--budget", "12m", "--n-trials",
+                          str(n_trials), "--sampler-seed", "0", "--pruner", "none"))
+    err = capsys.readouterr()
+    assert code == 0, err
+    return out, sorted(load(out).get_trials(), key=lambda t: t.number), err.out + err.err
+
+
 def test_a_trial_that_would_not_finish_in_the_budget_left_is_not_run(tune_data, tiny_llama, tmp_path, monkeypatch,
                                                                      capsys):
     """The documented defaults (3 epochs) would take 24 min by the plan, a 1-epoch trial 8: in a 12-minute budget
@@ -433,19 +449,9 @@ def test_a_trial_that_would_not_finish_in_the_budget_left_is_not_run(tune_data, 
     starting a trial that overruns the budget 2x."""
     import optuna
 
-    from lmtune.tune import plan as plan_mod
     from lmtune.tune.answer import DEFAULT_ATTR
 
-    monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path / "cache"))
-    # 120 rows in batches of 16: 8 steps an epoch at 60 s a step by the plan.
-    monkeypatch.setattr(plan_mod.Row, "trial_seconds",
-                        lambda self, epochs, max_steps=None: self.steps_per_epoch * epochs * 60.0)
-    out = tmp_path / "study"
-    code = main(base_args(tune_data, tiny_llama, out, "--epochs", "1..3", "--budget", "12m", "--n-trials", "3",
-                          "--sampler-seed", "0", "--pruner", "none"))
-    err = capsys.readouterr()
-    assert code == 0, err
-    trials = sorted(load(out).get_trials(), key=lambda t: t.number)
+    out, trials, log = _twelve_minute_study(tune_data, tiny_llama, tmp_path, monkeypatch, capsys, n_trials=3)
     first = trials[0]
     assert first.user_attrs.get(DEFAULT_ATTR) and first.params["epochs"] == 3
     assert first.state == optuna.trial.TrialState.FAIL
@@ -458,7 +464,6 @@ def test_a_trial_that_would_not_finish_in_the_budget_left_is_not_run(tune_data, 
     assert ran[0].params["epochs"] == 1 and ran[0].user_attrs["plan_seconds"] == 480.0
     skipped_later = [t for t in trials if t.number > ran[0].number and t.state == optuna.trial.TrialState.FAIL]
     assert skipped_later == []
-    log = err.out + err.err
     assert "trial 0: not run" in log and "the answer has no defaults to compare tuning against" in log
     assert "not run (would not finish in the budget)" in log
     answer = json.loads((out / "answer.json").read_text())
@@ -479,13 +484,9 @@ def test_near_the_budget_end_a_random_draw_replaces_proposals_that_would_not_fin
 
     import optuna
 
-    from lmtune.tune import plan as plan_mod
     from lmtune.tune.answer import FILL_ATTR
 
     study_mod = importlib.import_module("lmtune.tune.study")
-    monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(plan_mod.Row, "trial_seconds",
-                        lambda self, epochs, max_steps=None: self.steps_per_epoch * epochs * 60.0)
     monkeypatch.setattr(study_mod, "_plan_scale", lambda study: 1.0)  # the plan's 480 s an epoch, however fast it ran
     real = study_mod._sampler
 
@@ -494,19 +495,13 @@ def test_near_the_budget_end_a_random_draw_replaces_proposals_that_would_not_fin
         return base if tc.sampler == "random" else optuna.samplers.PartialFixedSampler({"epochs": 3}, base)
 
     monkeypatch.setattr(study_mod, "_sampler", three_epochs_always)
-    out = tmp_path / "study"
-    code = main(base_args(tune_data, tiny_llama, out, "--epochs", "1..3", "--budget", "12m", "--n-trials", "2",
-                          "--sampler-seed", "0", "--pruner", "none"))
-    err = capsys.readouterr()
-    assert code == 0, err
-    trials = sorted(load(out).get_trials(), key=lambda t: t.number)
+    _, trials, log = _twelve_minute_study(tune_data, tiny_llama, tmp_path, monkeypatch, capsys, n_trials=2)
     ran = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(ran) == 2 and all(t.params["epochs"] == 1 for t in ran)
     assert all(t.user_attrs[FILL_ATTR].startswith("drawn at random: the sampler's last ") for t in ran)
     before_first = [t for t in trials if t.number < ran[0].number]
     assert len(before_first) >= 5 and all(t.system_attrs.get("lmtune_over_budget") for t in before_first)
     assert all(t.params["epochs"] == 3 for t in before_first[:5])  # the defaults and TPE's four
-    log = err.out + err.err
     assert f"trial {ran[0].number}: drawn at random: the sampler's last " in log
 
 
