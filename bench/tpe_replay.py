@@ -14,7 +14,7 @@ ways, each asked ``--draws`` times with other seeds, and the share of proposals 
 * ``recorded``: the history as it ran (lmtune's TPE);
 * ``pruned-as-finished``: each pruned trial shown as finished at its best evaluation (is the pruning the cause?);
 * ``without-pruned``: the pruned trials hidden (are the trials TPE counts as bad the cause?);
-* ``gp``: Optuna's ``GPSampler`` (Gaussian process; it reads finished trials only) on the recorded history.
+* ``gp``: lmtune's ``--sampler gp`` (Optuna's ``GPSampler``; it reads complete trials only) on the recorded history.
 
 It measures what the sampler would propose, not what the proposals would score: that needs a search run.
 """
@@ -50,15 +50,13 @@ class Recorded:
 
 def distributions(space: dict[str, list]) -> dict[str, Any]:
     """The Optuna distributions lmtune searches for the benchmark's space, taken from lmtune's own space code."""
-    import optuna
-
     from bench.search import lmtune_search_config
+    from lmtune.tune.answer import quiet_study
     from lmtune.tune.space import SearchSpace, parse_dimension
 
     config = lmtune_search_config(space)
     dims = {name: parse_dimension(name, getattr(config, name)) for name in space}
-    study = optuna.create_study()
-    trial = study.ask()
+    trial = quiet_study("minimize").ask()
     SearchSpace(dims).sample(trial)
     return dict(trial.distributions)
 
@@ -90,10 +88,11 @@ def load(result: dict[str, Any], contender: str) -> tuple[list[Recorded], dict[s
 
 
 def _study(history: list[Recorded], dists: dict[str, Any], minimize: bool, mode: str):
-    import optuna
     from optuna.trial import TrialState, create_trial
 
-    study = optuna.create_study(direction="minimize" if minimize else "maximize")
+    from lmtune.tune.answer import quiet_study
+
+    study = quiet_study("minimize" if minimize else "maximize")
     best = min if minimize else max
     for t in history:
         if not t.evaluations or (mode == "without-pruned" and not t.finished):
@@ -110,17 +109,14 @@ def _study(history: list[Recorded], dists: dict[str, Any], minimize: bool, mode:
 
 def propose(history: list[Recorded], dists: dict[str, Any], minimize: bool, mode: str, sampler_seed: int,
             startup: int, trial_number: int | None) -> dict[str, Any]:
-    """What the sampler proposes after ``history``: lmtune's sampler (seeded for ``trial_number``) or GPSampler."""
-    import optuna
-
+    """What lmtune's sampler (TPE, or ``--sampler gp`` for mode gp; seeded for ``trial_number``) proposes after
+    ``history``."""
     from lmtune.config import TuneConfig
     from lmtune.tune.study import _sampler
 
     study = _study(history, dists, minimize, mode)
-    if mode == "gp":
-        study.sampler = optuna.samplers.GPSampler(seed=sampler_seed, n_startup_trials=startup)
-    else:
-        study.sampler = _sampler(TuneConfig(sampler_seed=sampler_seed), startup, trial_number)
+    tc = TuneConfig(sampler="gp" if mode == "gp" else "tpe", sampler_seed=sampler_seed)
+    study.sampler = _sampler(tc, startup, trial_number)
     return study.ask(dists).params
 
 
@@ -133,7 +129,6 @@ def replay(result: dict[str, Any], contender: str = "lmtune-tpe", draws: int = 2
     """The faithfulness check and, per trial after the start-up, the share of proposals at the fewest epochs."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
     trials, dists, startup, seed, minimize = load(result, contender)
     fewest = dists["epochs"].low
     rows = []

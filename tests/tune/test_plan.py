@@ -498,11 +498,12 @@ def test_near_the_budget_end_a_random_draw_replaces_proposals_that_would_not_fin
     _, trials, log = _twelve_minute_study(tune_data, tiny_llama, tmp_path, monkeypatch, capsys, n_trials=2)
     ran = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(ran) == 2 and all(t.params["epochs"] == 1 for t in ran)
-    assert all(t.user_attrs[FILL_ATTR].startswith("drawn at random: the sampler's last ") for t in ran)
+    assert all(t.user_attrs[FILL_ATTR].startswith("drawn at random: the last ") for t in ran)
+    assert "configurations drawn would not finish in the " in ran[0].user_attrs[FILL_ATTR]
     before_first = [t for t in trials if t.number < ran[0].number]
     assert len(before_first) >= 5 and all(t.system_attrs.get("lmtune_over_budget") for t in before_first)
     assert all(t.params["epochs"] == 3 for t in before_first[:5])  # the defaults and TPE's four
-    assert f"trial {ran[0].number}: drawn at random: the sampler's last " in log
+    assert f"trial {ran[0].number}: drawn at random: the last " in log
 
 
 def test_tpe_start_up_is_a_third_of_the_trials_the_search_will_run():

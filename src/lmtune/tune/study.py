@@ -556,7 +556,7 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
                                          "in memory; narrow the search space (see the plan above) or raise --memory-limit")
                     continue
             if fill:
-                reason = (f"drawn at random: the sampler's last {over_budget_in_a_row} proposals would not finish "
+                reason = (f"drawn at random: the last {over_budget_in_a_row} configurations drawn would not finish "
                           f"in the {seconds_left:.0f} s left")
                 trial.set_user_attr(FILL_ATTR, reason)
                 log.info(f"trial {trial.number}: {reason}")
@@ -617,8 +617,9 @@ _UNFIT = "lmtune_unfit"
 _MAX_UNFIT_IN_A_ROW = 50
 _OVER_BUDGET = "lmtune_over_budget"
 _MAX_OVER_BUDGET_IN_A_ROW = 20
-_SAMPLER_OVER_BUDGET_TRIES = 5  # proposals of TPE/GP over the time left before the next ones are drawn at random
 """Draws in a row that would not finish in the budget left, after which the search stops rather than draw on."""
+_SAMPLER_OVER_BUDGET_TRIES = 5
+"""Draws in a row that would not finish in the budget left, after which TPE's or GP's are replaced by random ones."""
 
 
 def _make_plan(run: RunConfig, space: SearchSpace, tc: TuneConfig, task, bundle, out: Path):
