@@ -96,6 +96,7 @@ def settings(ns: argparse.Namespace) -> dict[str, Any]:
         "study": {"trials": 3, "steps": 2 if tiny else 20, "rows": 96 if tiny else 4000, "val_rows": 48 if tiny else 872},
         "budget_s": ns.budget if ns.budget is not None else (900.0 if tiny else 330.0),
         "count_syncs": bool(getattr(ns, "count_syncs", False)),
+        "profile_steps": int(getattr(ns, "profile_steps", 0) or 0),
     }
     if tiny:
         s["batch"], s["eval_batch"] = 8, 16
@@ -211,11 +212,34 @@ def _memory(device: str) -> dict[str, float | None]:
     return out
 
 
-class StepClock:
-    """Step-boundary timestamps and per-step token counts; synchronises only after the warm-up and the last step."""
+def profile_summary(prof: Any, steps: int, top: int = 12) -> dict[str, Any]:
+    """Per-step CPU and device time by operator from a ``torch.profiler`` run over ``steps`` steps: the operators
+    and runtime calls (``cudaLaunchKernel``, ``cudaMalloc``, ``cudaStreamSynchronize``, ...) that took the most self
+    CPU time, and the kernels that took the most device time."""
+    rows = prof.key_averages()
 
-    def __init__(self, device: str, total: int, warmup: int, count_syncs: bool = False):
+    def dev(e: Any) -> float:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
+
+    n = max(1, steps)
+    cpu = sorted(rows, key=lambda e: -e.self_cpu_time_total)[:top]
+    gpu = sorted((e for e in rows if dev(e) > 0), key=lambda e: -dev(e))[:top]
+    return {"steps": steps,
+            "self_cpu_ms_per_step": sum(e.self_cpu_time_total for e in rows) / 1e3 / n,
+            "device_ms_per_step": sum(dev(e) for e in rows) / 1e3 / n,
+            "cpu_top": [[e.key, e.count / n, e.self_cpu_time_total / 1e3 / n] for e in cpu],
+            "device_top": [[e.key, e.count / n, dev(e) / 1e3 / n] for e in gpu]}
+
+
+class StepClock:
+    """Step-boundary timestamps and per-step token counts; synchronises only after the warm-up and the last step.
+    With ``profile_steps`` > 0, ``torch.profiler`` records that many steps after the warm-up (``profile``)."""
+
+    def __init__(self, device: str, total: int, warmup: int, count_syncs: bool = False, profile_steps: int = 0):
         self.device, self.total, self.warmup = device, total, warmup
+        self.profile_steps = max(0, min(profile_steps, total - warmup))
+        self._profiler: Any = None
+        self.profile: dict[str, Any] = {}
         # --count-syncs: CUDA's sync debug mode is on inside each step only (begin..end), the same window for both
         # contenders (not model loading, saving or the final evaluation); count_syncs() collects the warnings.
         self.count_syncs = count_syncs and device == "cuda"
@@ -243,14 +267,23 @@ class StepClock:
             import torch
             torch.cuda.set_sync_debug_mode("default")
         k = len(self.stamps)  # the step that just finished (stamps[0] is the start of step 1)
-        if k == self.warmup or k >= self.total:
+        if k == self.warmup or k >= self.total or (self._profiler is not None and k == self.warmup + self.profile_steps):
             _sync(self.device)
+        if self._profiler is not None and k == self.warmup + self.profile_steps:
+            self._profiler.stop()
+            self.profile = profile_summary(self._profiler, self.profile_steps)
+            self._profiler = None
         self.stamps.append(time.perf_counter())
         self.tokens.append(self._tok)
         self.padded.append(self._pad)
         self._tok, self._pad = [], 0
         if k >= self.total:
             self.train_memory = _memory(self.device)
+        if self.profile_steps and k == self.warmup and not self.profile:
+            from torch.profiler import ProfilerActivity, profile
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device == "cuda" else [])
+            self._profiler = profile(activities=acts)
+            self._profiler.start()
 
     def stats(self) -> dict[str, Any]:
         times = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
@@ -309,7 +342,8 @@ def worker_lmtune(spec: dict[str, Any]) -> dict[str, Any]:
     import lmtune
     loop = importlib.import_module("lmtune.train.loop")
     part, device = spec["task"], spec["device"]
-    clock = StepClock(device, spec["steps"], spec["warmup_steps"], spec.get("count_syncs", False))
+    clock = StepClock(device, spec["steps"], spec["warmup_steps"], spec.get("count_syncs", False),
+                      spec.get("profile_steps", 0))
     out: dict[str, Any] = {"contender": spec["contender"]}
     # Step boundaries and token counts from the loop's own functions; should they be renamed, the timing falls back
     # to the loop's per-step log (train_log, log_every_steps=1), which times the same steps without the sampler.
@@ -346,6 +380,8 @@ def worker_lmtune(spec: dict[str, Any]) -> dict[str, Any]:
     out["run_wall_s"] = time.time() - t0
     if syncs:
         out["syncs"] = syncs
+    if clock.profile:
+        out["profile"] = clock.profile
     rec = res.record
     last = rec["history"][-1]
     if not hooked or not clock.stamps:
@@ -468,7 +504,8 @@ def worker_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     model.config.pad_token_id = tok.pad_token_id
     model.config.use_cache = False
 
-    clock = StepClock(device, spec["steps"], spec["warmup_steps"], spec.get("count_syncs", False))
+    clock = StepClock(device, spec["steps"], spec["warmup_steps"], spec.get("count_syncs", False),
+                      spec.get("profile_steps", 0))
 
     def count(module, args, kwargs):
         if module.training:
@@ -493,6 +530,8 @@ def worker_trainer(spec: dict[str, Any]) -> dict[str, Any]:
     t_train = time.time() - t0
     if syncs:
         out["syncs"] = syncs
+    if clock.profile:
+        out["profile"] = clock.profile
     t1 = time.time()
     ev = trainer.evaluate()
     _sync(device)
@@ -848,7 +887,8 @@ def run(ns: argparse.Namespace) -> int:
         env["CUDA_VISIBLE_DEVICES"] = ""
     base = {"device": device, "tiny": s["tiny"], "tmp_root": str(tmp_root), "data": files,
             **{k: s[k] for k in ("steps", "warmup_steps", "batch", "eval_batch", "lr", "warmup_ratio", "weight_decay", "seed",
-                                 "cls", "gen", "decode", "study", "count_syncs")}}
+                                 "cls", "gen", "decode", "study", "count_syncs",
+                                 "profile_steps")}}
     parts = plan(s, ns.parts.split(",") if ns.parts else None, info.get("flash_attn_installed", False) and device == "cuda")
     built: dict[str, str] = {}
 
@@ -999,6 +1039,19 @@ def markdown(res: dict[str, Any]) -> str:
             for pid, shape, c, n in counted:
                 where = ", ".join(f"`{k}` {v}" for k, v in list(n["sites"].items())[:5])
                 lines.append(f"| {pid} | {shape} | {c} | {n['total']} | {fmt(n['total'] / max(1, s['steps']), 1)} | {where} |")
+        profiled = [(pid, p["shape_name"], c, r["profile"]) for pid, p in train_parts for c, r in p["contenders"].items()
+                    if r.get("profile")]
+        for pid, shape, c, prof in profiled:
+            lines += ["", f"Profile of {pid} ({shape}), {c}: {prof['steps']} steps after the warm-up under `torch.profiler` "
+                      f"(`--profile-steps`: those steps are slowed by the recording); per step: self CPU time "
+                      f"{fmt(prof['self_cpu_ms_per_step'], 1)} ms, device time {fmt(prof['device_ms_per_step'], 1)} ms.",
+                      "", "| most self CPU time | calls/step | ms/step | most device time | calls/step | ms/step |",
+                      "|---|---|---|---|---|---|"]
+            for i in range(max(len(prof["cpu_top"]), len(prof["device_top"]))):
+                a = prof["cpu_top"][i] if i < len(prof["cpu_top"]) else None
+                b = prof["device_top"][i] if i < len(prof["device_top"]) else None
+                cell = (lambda e: [f"`{e[0][:60]}`", fmt(e[1], 1), fmt(e[2], 2)] if e else ["", "", ""])
+                lines.append("| " + " | ".join(cell(a) + cell(b)) + " |")
     for pid, p in res["parts"].items():
         if p["kind"] == "decode":
             r = p["contenders"].get("decode", {})
@@ -1065,6 +1118,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count-syncs", action="store_true",
                    help="count each contender's host-device synchronisations while it trains, by source line (CUDA's sync "
                         "debug mode: slows the run, so its times are not comparable with a run without it)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="record this many training steps after the warm-up with torch.profiler and report each "
+                        "contender's CPU and device time per step by operator (slows those steps; default 0: off)")
     p.add_argument("--parts", help="comma-separated subset: cls-smollm2, cls-gemma3, gen-smollm2, decode-smollm2, study-smollm2, gen-gemma3")
     p.add_argument("--model-dir", default=str(ASSETS / "smollm2"), help="config.json + tokenizer files of SmolLM2-135M")
     p.add_argument("--gemma-dir", default=str(ASSETS / "gemma3"), help="config.json + tokenizer files of Gemma 3 270M")

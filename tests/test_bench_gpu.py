@@ -228,3 +228,32 @@ def test_synchronisations_are_counted_by_the_line_that_asked_and_the_mode_is_res
 def _line_of(text: str) -> int:
     lines = Path(__file__).read_text().splitlines()
     return next(i for i, line in enumerate(lines, 1) if text in line and "warnings.warn" in line)
+
+
+def test_a_profiled_clock_records_the_steps_after_the_warm_up_by_operator_and_the_report_shows_them(monkeypatch):
+    import torch
+
+    from bench import gpu
+    monkeypatch.setattr(gpu, "_memory", lambda device: {})
+    clock = gpu.StepClock("cpu", total=5, warmup=1, profile_steps=2)
+    a = torch.ones(64, 64)
+    for step in range(5):
+        clock.begin()
+        for _ in range(3 if step in (1, 2) else 1):  # the two profiled steps multiply three times, the others once
+            a = torch.mm(a, torch.eye(64))
+        clock.end()
+    prof = clock.profile
+    assert prof["steps"] == 2 and clock._profiler is None
+    mm = next(row for row in prof["cpu_top"] if row[0] == "aten::mm")
+    assert mm[1] == 3.0 and mm[2] > 0  # calls per profiled step: only steps 2 and 3 were recorded
+    assert prof["device_top"] == [] and prof["device_ms_per_step"] == 0
+    assert clock.stats()["steps_done"] == 5
+    res = {"started": "now", "finished": "later", "seconds": 1.0, "settings": {"tiny": False, "batch": 32, "lr": 1e-4,
+           "warmup_ratio": 0.06, "weight_decay": 0.01, "steps": 5, "warmup_steps": 1, "cls": {"rows": 4000, "max_length": 64},
+           "gen": {"rows": 3000, "max_length": 128}}, "machine": {"device": "cuda", "gpu": "NVIDIA H200", "torch": "2.11"},
+           "parts": {"gen-gemma3": {"kind": "train", "shape_name": "Gemma 3 270M",
+                                    "contenders": {"lmtune": {"median_s_per_step": 0.15, "profile": prof}}}},
+           "errors": [], "skipped": []}
+    md = gpu.markdown(res)
+    assert "Profile of gen-gemma3 (Gemma 3 270M), lmtune: 2 steps after the warm-up" in md
+    assert "| `aten::mm` | 3.0 |" in md
