@@ -6,6 +6,8 @@
                                                         # A's budget skipped); the .md is written beside OUT.json
     python -m bench gpu _assets [DIR]                   # write .gpu-assets/ (configs, tokenizers, data) for a machine
                                                         # with no network, from the models converted here
+    python -m bench gpu --parts gen-gemma3 --profile-steps 6   # where a part's step time goes, by operator
+    python -m bench gpu --parts gen-gemma3 --count-syncs        # its host-device synchronisations, by source line
 
 What it runs, each contender in a fresh process (``python -m bench.gpu _worker SPEC``), contenders alternating
 which goes first from one comparison to the next, each comparison in order of priority until ``--budget`` runs out:
