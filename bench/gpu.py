@@ -43,6 +43,7 @@ and ``OUT/gpu-<machine>.md`` after every contender, so a run cut short keeps wha
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -269,9 +270,10 @@ class StepClock:
             import torch
             torch.cuda.set_sync_debug_mode("default")
         k = len(self.stamps)  # the step that just finished (stamps[0] is the start of step 1)
-        if k == self.warmup or k >= self.total or (self._profiler is not None and k == self.warmup + self.profile_steps):
+        profiled_last = self._profiler is not None and k == self.warmup + self.profile_steps
+        if k == self.warmup or k >= self.total or profiled_last:
             _sync(self.device)
-        if self._profiler is not None and k == self.warmup + self.profile_steps:
+        if profiled_last:
             self._profiler.stop()
             self.profile = profile_summary(self._profiler, self.profile_steps)
             self._profiler = None
@@ -983,6 +985,11 @@ def fmt(x: Any, nd: int = 2) -> str:
     return str(x)
 
 
+def _profile_cells(row: list | None) -> list[str]:
+    """One operator of a profile table (name, calls per step, ms per step), or empty cells past a shorter list."""
+    return [f"`{row[0][:60]}`", fmt(row[1], 1), fmt(row[2], 2)] if row else ["", "", ""]
+
+
 def markdown(res: dict[str, Any]) -> str:
     m, s = res["machine"], res["settings"]
     where = (f"{m.get('gpu')} ({m.get('gpu_memory_gb')} GB, capability {m.get('gpu_capability')})" if m.get("device") == "cuda"
@@ -1049,11 +1056,8 @@ def markdown(res: dict[str, Any]) -> str:
                       f"{fmt(prof['self_cpu_ms_per_step'], 1)} ms, device time {fmt(prof['device_ms_per_step'], 1)} ms.",
                       "", "| most self CPU time | calls/step | ms/step | most device time | calls/step | ms/step |",
                       "|---|---|---|---|---|---|"]
-            for i in range(max(len(prof["cpu_top"]), len(prof["device_top"]))):
-                a = prof["cpu_top"][i] if i < len(prof["cpu_top"]) else None
-                b = prof["device_top"][i] if i < len(prof["device_top"]) else None
-                cell = (lambda e: [f"`{e[0][:60]}`", fmt(e[1], 1), fmt(e[2], 2)] if e else ["", "", ""])
-                lines.append("| " + " | ".join(cell(a) + cell(b)) + " |")
+            for a, b in itertools.zip_longest(prof["cpu_top"], prof["device_top"]):
+                lines.append("| " + " | ".join(_profile_cells(a) + _profile_cells(b)) + " |")
     for pid, p in res["parts"].items():
         if p["kind"] == "decode":
             r = p["contenders"].get("decode", {})
