@@ -423,7 +423,8 @@ def _optimizer_step(s: _Session, st: TrainState, step_batch: list[int], first_ba
     # does not depend on how the batch is cut into micro-batches or processes.
     units = s.task.loss_units(s.train_enc, step_batch)
     loss_sum = _forward_backward(s, st, share, units)
-    loss_sum = s.accelerator.reduce(torch.tensor(loss_sum, device=s.accelerator.device), "sum").item()
+    if world > 1:  # one process: no round trip through the device (on a GPU it is a sync per step)
+        loss_sum = s.accelerator.reduce(torch.tensor(loss_sum, device=s.accelerator.device), "sum").item()
     step_loss = loss_sum / max(1, units)
     grad_norm = s.master.grad_norm() if s.master else _clip(s.accelerator, s.model, tc.max_grad_norm)
     if not math.isfinite(step_loss) or not math.isfinite(grad_norm):
