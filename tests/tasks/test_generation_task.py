@@ -121,29 +121,41 @@ def test_openai_chat_file_trains_as_it_is(tiny_llama, generation_files, tmp_path
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2", "tiny_gemma3"])
 def test_logits_only_from_the_first_target_position(fixture, request):
-    """The training loss computes the LM head only from the first position that predicts a completion token: the
-    same loss and gradients as over every position, on a [rows, fewer positions, vocabulary] tensor."""
+    """The training loss computes the LM head only from the first position that predicts a completion token, with
+    target positions worked out on the host: the same loss and gradients as over every position's logits."""
+    from types import SimpleNamespace
+
     from transformers import AutoModelForCausalLM
 
-    from lmtune.tasks.generation import IGNORE, target_logits, token_loss_sum
+    from lmtune.tasks.generation import IGNORE, _pad, batch_loss
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture), dtype=torch.float32)
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (3, 20))
-    mask = torch.ones_like(ids)
-    mask[2, 16:] = 0  # a shorter, right-padded row
-    labels = torch.full_like(ids, IGNORE)
-    labels[0, 12:20] = ids[0, 12:20]
-    labels[1, 14:20] = ids[1, 14:20]
-    labels[2, 11:16] = ids[2, 11:16]
-    short = target_logits(model, ids, mask, labels)
-    assert short.shape[1] == 20 - 10  # from position 10, which predicts the first target (row 2, position 11)
-    loss = token_loss_sum(short, labels)
+    lengths = [20, 20, 16]  # the last row shorter, so right-padded
+    spans = [(12, 20), (14, 20), (11, 16)]
+    rows = [ids[r, :k].tolist() for r, k in enumerate(lengths)]
+    labels = [[IGNORE] * a + row[a:b] for row, (a, b) in zip(rows, spans)]
+    enc = SimpleNamespace(input_ids=rows, labels=labels)
+    batch = _pad(enc, [0, 1, 2], pad_id=0, device="cpu")
+    assert batch.tokens == 56 and batch.first_predictor == 10  # position 10 predicts row 2's first target
+    assert batch.target_ids.tolist() == [t for y in labels for t in y if t != IGNORE]
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: seen.append(kw.get("logits_to_keep")), with_kwargs=True)
+    loss = batch_loss(model, batch)
+    hook.remove()
+    assert seen == [20 - 10]
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     model.zero_grad()
-    full = token_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
+    # the plain way: every position's logits, shifted, targets picked with a boolean mask
+    full_labels = torch.full_like(ids, IGNORE)
+    for r, (a, b) in enumerate(spans):
+        full_labels[r, a:b] = ids[r, a:b]
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    keep = full_labels[:, 1:] != IGNORE
+    full = torch.nn.functional.cross_entropy(logits[keep], full_labels[:, 1:][keep], reduction="sum")
     full.backward()
     assert loss.item() == pytest.approx(full.item(), rel=1e-5)
     for g, p in zip(grads, [p for p in model.parameters() if p.grad is not None]):

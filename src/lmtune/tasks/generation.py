@@ -13,6 +13,7 @@ import inspect
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,8 @@ class GenerationTask:
         return int(sum(enc.target_tokens[i] for i in rows))
 
     def loss_sum(self, model: Any, enc: Any, rows: list[int], pad_id: int, device: Any) -> tuple[torch.Tensor, int]:
-        input_ids, attention, labels = _pad(enc, rows, pad_id, device)
-        return token_loss_sum(target_logits(model, input_ids, attention, labels), labels), int(attention.sum())
+        batch = _pad(enc, rows, pad_id, device)
+        return batch_loss(model, batch), batch.tokens
 
     def chance_loss(self, bundle: Any) -> float:
         return 0.0  # a pretrained LM's first loss is already meaningful
@@ -164,43 +165,82 @@ def completion_lengths(enc: Any) -> list[int]:
     return [int(n) for n in enc.target_tokens]
 
 
-def _pad(enc: Any, rows: list[int], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, attention mask and labels (-100 on padding) of ``rows``."""
+@dataclass(frozen=True)
+class TargetBatch:
+    """Right-padded rows on the device, with where their targets are, worked out on the host.
+
+    Finding the first target position or gathering the target logits with a boolean mask on the device needs a
+    read back to the host (a GPU sync each); here the host already knows them from the encoded rows, and the
+    whole batch travels in one (pinned, on a GPU) copy."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    target_rows: torch.Tensor
+    """[targets]: the row of each target token, row-major order."""
+    predictor_positions: torch.Tensor
+    """[targets]: the position whose logits predict it (the target's position minus one)."""
+    target_ids: torch.Tensor
+    """[targets]: the target token ids."""
+    first_predictor: int
+    """The earliest predictor position of any row (0 when there is no target): logits are needed from there on."""
+    tokens: int
+    """Real (unpadded) tokens."""
+
+
+def _pad(enc: Any, rows: list[int], pad_id: int, device: Any) -> TargetBatch:
+    """``rows`` right-padded (to the device's multiple), with their target positions, in one host-to-device copy."""
     width = max(len(enc.input_ids[i]) for i in rows)
     multiple = pad_multiple(device)
     if multiple:
         width = -(-width // multiple) * multiple
     ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    where, targets = [], []
     for r, i in enumerate(rows):
         k = len(enc.input_ids[i])
         ids[r, :k] = torch.as_tensor(enc.input_ids[i])
         mask[r, :k] = 1
-        labels[r, :k] = torch.as_tensor(enc.labels[i])
-    return ids.to(device), mask.to(device), labels.to(device)
+        labels = np.asarray(enc.labels[i], dtype=np.int64)
+        positions = np.flatnonzero(labels[1:] != IGNORE) + 1  # position 0 has no predictor
+        where.append(positions)
+        targets.append(labels[positions])
+    target_rows = np.repeat(np.arange(len(rows), dtype=np.int64), [len(t) for t in where])
+    target_pos = np.concatenate(where).astype(np.int64)
+    host = torch.cat([ids.flatten(), mask.flatten(), torch.from_numpy(target_rows), torch.from_numpy(target_pos - 1),
+                      torch.from_numpy(np.concatenate(targets))])
+    dev = torch.device(device)
+    on_device = (host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host.to(dev))
+    n, t = ids.numel(), len(target_pos)
+    return TargetBatch(
+        input_ids=on_device[:n].view(ids.shape), attention_mask=on_device[n:2 * n].view(ids.shape),
+        target_rows=on_device[2 * n:2 * n + t], predictor_positions=on_device[2 * n + t:2 * n + 2 * t],
+        target_ids=on_device[2 * n + 2 * t:], first_predictor=int(target_pos.min()) - 1 if t else 0,
+        tokens=int(sum(len(enc.input_ids[i]) for i in rows)))
 
 
-def target_logits(model: Any, input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The model's logits from the first position that predicts a target (in any row) to the end.
+def batch_loss(model: Any, batch: TargetBatch) -> torch.Tensor:
+    """Summed cross-entropy of the batch's target tokens.
 
-    The positions before it only read the prompt: their logits, [rows, positions, vocabulary], would be computed
-    (the LM head is a fifth of a small model's forward FLOPs at a 50k vocabulary) and thrown away. transformers'
-    ``logits_to_keep`` keeps the last k positions; with right padding they are the completions."""
-    has_target = (labels[:, 1:] != IGNORE).any(dim=0)
-    first = int(has_target.nonzero()[0]) if bool(has_target.any()) else 0
-    kwargs = {"logits_to_keep": labels.shape[1] - first} if first > 0 and _keeps_logits(model) else {}
-    return model(input_ids=input_ids, attention_mask=attention, **kwargs).logits
+    The LM head runs only from the earliest position that predicts a target (transformers' ``logits_to_keep``
+    keeps the last k positions; with right padding they hold the completions): the positions before it only read
+    the prompt, and their logits, [rows, positions, vocabulary], would be computed (the head is a fifth of a small
+    model's forward FLOPs at a 50k vocabulary) and thrown away. Only the target positions then go through the fp32
+    softmax: a full [rows, positions, vocabulary] fp32 copy would be the largest tensor of a step."""
+    first = batch.first_predictor if batch.first_predictor > 0 and _keeps_logits(model) else 0
+    kwargs = {"logits_to_keep": batch.input_ids.shape[1] - first} if first else {}
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs).logits
+    picked = logits[batch.target_rows, batch.predictor_positions - first]
+    return torch.nn.functional.cross_entropy(picked.float(), batch.target_ids, reduction="sum")
 
 
 def first_target(labels: Any) -> int:
-    """Index of a row's first target token (its length when it has none): ``target_logits`` computes logits from
+    """Index of a row's first target token (its length when it has none): ``batch_loss`` computes logits from
     the position before the earliest one of a batch."""
     return next((i for i, y in enumerate(labels) if int(y) != IGNORE), len(labels))
 
 
 def logit_positions(first_targets: list[int], width: int) -> int:
-    """How many positions ``target_logits`` computes logits for, in a batch of rows padded to ``width``."""
+    """How many positions ``batch_loss`` computes logits for, in a batch of rows padded to ``width``."""
     return width - max(0, min(first_targets) - 1)
 
 
@@ -217,17 +257,6 @@ def _keeps_logits(model: Any) -> bool:
         return False
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of each position's prediction of the next token, over positions with a label.
-    ``logits`` may cover only the last positions of the rows (``target_logits``); labels are aligned to them."""
-    shift_logits = logits[:, :-1, :]
-    shift_labels = labels[:, labels.shape[1] - logits.shape[1] + 1:]
-    keep = shift_labels != IGNORE
-    # Only the positions with a target go through the fp32 softmax: the prompt is most of a row, and a
-    # full [batch, length, vocabulary] fp32 copy is the largest tensor of a step.
-    return torch.nn.functional.cross_entropy(shift_logits[keep].float(), shift_labels[keep], reduction="sum")
-
-
 @torch.inference_mode()
 def _loss_over(model: Any, enc: Any, batch_size: int, pad_id: int, device: Any) -> tuple[float, int]:
     """Summed target-token loss and target tokens over every row of ``enc`` (longest batches first)."""
@@ -239,8 +268,7 @@ def _loss_over(model: Any, enc: Any, batch_size: int, pad_id: int, device: Any) 
         n = sum(enc.target_tokens[i] for i in rows)
         if not n:
             continue
-        ids, mask, labels = _pad(enc, rows, pad_id, device)
-        total += float(token_loss_sum(target_logits(model, ids, mask, labels), labels))
+        total += float(batch_loss(model, _pad(enc, rows, pad_id, device)))
         tokens += n
     return total, tokens
 

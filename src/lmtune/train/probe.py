@@ -79,7 +79,7 @@ class ProbeResult:
     extra: dict[str, Any] = field(default_factory=dict)
     peak_logit_positions: int | None = None
     """Positions of the longest micro-batch whose logits the loss computed (generation: from the first that
-    predicts a target, ``lmtune.tasks.generation.target_logits``); None: all ``peak_width``."""
+    predicts a target, ``lmtune.tasks.generation.batch_loss``); None: all ``peak_width``."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
