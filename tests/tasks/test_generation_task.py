@@ -162,6 +162,46 @@ def test_logits_only_from_the_first_target_position(fixture, request):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_the_loss_reads_nothing_back_from_the_device():
+    """On a GPU every read of a device value by the host (``.item()``, ``nonzero``, a boolean-mask gather) waits for
+    the device: the loss of a batch must need none beyond the model's own (an H200 profile counted 9 per step in
+    the old first-target search and gather). Recorded here as the aten operators the loss and its backward call."""
+    from types import SimpleNamespace
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lmtune.tasks.generation import IGNORE, _pad, batch_loss
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    class TinyLM(torch.nn.Module):  # a model whose own forward reads nothing back
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50)
+
+        def forward(self, input_ids, attention_mask, logits_to_keep=0):
+            h = self.emb(input_ids) * attention_mask.unsqueeze(-1)
+            return SimpleNamespace(logits=self.head(h[:, -logits_to_keep:] if logits_to_keep else h))
+
+    enc = SimpleNamespace(input_ids=[list(range(1, 11)), list(range(1, 8))],
+                          labels=[[IGNORE] * 6 + list(range(7, 11)), [IGNORE] * 4 + list(range(5, 8))])
+    model = TinyLM()
+    batch = _pad(enc, [0, 1], pad_id=0, device="cpu")
+    with Recorder() as rec:
+        loss = batch_loss(model, batch)
+        loss.backward()
+    syncing = {"nonzero", "_local_scalar_dense", "masked_select", "is_nonzero", "item"}
+    assert rec.ops and not syncing & set(rec.ops), sorted(syncing & set(rec.ops))
+    assert batch.first_predictor == 3 and loss.item() > 0
+
+
 def test_a_loss_objective_search_decodes_only_at_each_trials_final_evaluation(tiny_llama, generation_files, tmp_path, capsys):
     """--eval-generate auto: trials of a val_loss search skip decoding until their last evaluation (the text metrics
     stay in the leaderboard); lmtune train and a text-metric search decode at every evaluation."""
