@@ -416,7 +416,7 @@ class TuneConfig:
     default_first: bool = True
     """Run the documented default configuration (what `lmtune train` does without flags, clipped into the space) as the first trial: the baseline that tuning is measured against."""
     warm_start: str | None = None
-    """Folder of a finished study of a similar task (another `lmtune tune --out`): its best configurations (seed-confirmed first) are run right after the defaults, moved into this search space; their old scores are never mixed into this study."""
+    """Folder of a finished study of a similar task (another `lmtune tune --out`): its best configurations (by score, a confirmed trial by its mean over seeds) are run right after the defaults, moved into this search space; their old scores are never mixed into this study."""
     warm_start_top: int = 3
     """How many of the --warm-start study's best distinct configurations to run first."""
     refit: Literal["auto", "always", "never"] = "auto"

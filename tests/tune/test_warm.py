@@ -12,7 +12,7 @@ from lmtune.cli import main
 from lmtune.config import RunConfig
 from lmtune.report._study import _origin
 from lmtune.tune.space import build_space
-from lmtune.tune.warm import WARM_ATTR, SourceTrial, WarmSource, warm_configurations
+from lmtune.tune.warm import WARM_ATTR, SourceTrial, WarmSource, load_source, warm_configurations
 from tests.tune.conftest import base_args, load, run
 
 
@@ -34,7 +34,7 @@ def test_values_are_moved_into_the_new_space():
     assert "lora_rank" not in moved and "unknown" not in moved  # full fine-tuning; not a dimension here
 
 
-def test_confirmed_means_rank_first_and_repeats_are_dropped():
+def test_the_first_distinct_configurations_are_taken_in_rank_order_and_repeats_dropped():
     space = _space(learning_rate="1e-4..1e-3:log", global_batch_size="8,16", epochs="1..2")
     defaults = {"learning_rate": 1e-4, "global_batch_size": 16, "epochs": 2, "warmup_ratio": 0.06, "weight_decay": 0.01}
     source = WarmSource(Path("elsewhere"), "accuracy", "classification", [
@@ -45,8 +45,17 @@ def test_confirmed_means_rank_first_and_repeats_are_dropped():
         SourceTrial(5, {"learning_rate": 2e-4, "global_batch_size": 16, "epochs": 1}, 0.70, False),
     ])
     chosen = warm_configurations(source, space, defaults, top=3, skip=[defaults])
-    assert [s.number for _, s in chosen] == [4, 1, 5]
+    assert [s.number for _, s in chosen] == [4, 1, 5]  # the source's order (load_source ranks, tested below)
     assert chosen[1][0]["learning_rate"] == pytest.approx(1e-3)
+
+
+def test_a_two_size_study_hands_on_its_best_trials_not_its_confirmed_runner_up():
+    # bench/results/study-e2e-sizes confirmed the best trial of each size: SmolLM2's defaults (1.1469 over 3 seeds)
+    # and Gemma's 1.2558; trial 3 (SmolLM2, 1.1468 on one seed) must come before Gemma's.
+    source = load_source(Path(__file__).parents[2] / "bench" / "results" / "study-e2e-sizes")
+    assert source.metric == "val_loss" and source.task == "generation"
+    ranked = [(t.number, t.confirmed) for t in source.trials]
+    assert ranked[:3] == [(3, False), (0, True), (9, False)] and ranked.index((1, True)) > 2
 
 
 def test_a_new_study_starts_from_the_winners_of_another(tune_data, tiny_llama, tmp_path, capsys):

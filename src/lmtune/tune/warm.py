@@ -1,9 +1,9 @@
 """Warm start: begin a search with the configurations that won a finished study of a similar task.
 
 ``lmtune tune --warm-start OTHER_STUDY`` reads the other study (its folder, as ``lmtune tune --out`` wrote it),
-ranks its finished trials (seed-confirmed means first, then single-seed values, each in that study's own
-direction) and queues the best ``--warm-start-top`` distinct configurations as the first trials of the new
-study, right after the default configuration. Each is moved into the new search space first (numbers clipped
+ranks its finished trials by score in that study's own direction (a confirmed trial by its mean over seeds,
+the others by their one value) and queues the best ``--warm-start-top`` distinct configurations as the first
+trials of the new study, right after the default configuration. Each is moved into the new search space first (numbers clipped
 into its ranges, choices to the nearest one, a model the new space does not search replaced by its default).
 
 Why queue and not copy: the other study's scores were measured on other data, often with another metric, so
@@ -67,8 +67,10 @@ def load_source(path: str | Path) -> WarmSource:
     for t in sd.complete:
         mean = confirmed.get(t.number)
         trials.append(SourceTrial(t.number, fixed | dict(t.params), mean if mean is not None else t.value, mean is not None))
-    # Seed-confirmed trials first (a mean over seeds is worth more than one seed), then by score.
-    trials.sort(key=lambda s: (not s.confirmed, -s.value if sd.maximize else s.value))
+    # By score, a trial's mean over seeds where it was confirmed; on equal scores the confirmed one first. Not all
+    # confirmed ones first: a study over model sizes confirms each size's best, and a worse size's mean (E2E: Gemma's
+    # 1.2558) would then be queued before a far better single-seed trial (1.1468).
+    trials.sort(key=lambda s: (-s.value if sd.maximize else s.value, not s.confirmed))
     if not trials:
         raise ConfigError(f"--warm-start {path}: the study has no finished trial to start from")
     return WarmSource(folder, sd.metric, sd.meta.get("task"), trials)
