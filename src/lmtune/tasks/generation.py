@@ -211,11 +211,10 @@ def _pad(enc: Any, rows: list[int], pad_id: int, device: Any) -> TargetBatch:
     dev = torch.device(device)
     on_device = (host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host.to(dev))
     n, t = ids.numel(), len(target_pos)
-    return TargetBatch(
-        input_ids=on_device[:n].view(ids.shape), attention_mask=on_device[n:2 * n].view(ids.shape),
-        target_rows=on_device[2 * n:2 * n + t], predictor_positions=on_device[2 * n + t:2 * n + 2 * t],
-        target_ids=on_device[2 * n + 2 * t:], first_predictor=int(target_pos.min()) - 1 if t else 0,
-        tokens=int(sum(len(enc.input_ids[i]) for i in rows)))
+    ids_d, mask_d, rows_d, predictors_d, targets_d = on_device.split([n, n, t, t, t])
+    return TargetBatch(input_ids=ids_d.view(ids.shape), attention_mask=mask_d.view(ids.shape), target_rows=rows_d,
+                       predictor_positions=predictors_d, target_ids=targets_d,
+                       first_predictor=int(target_pos.min()) - 1 if t else 0, tokens=int(mask.sum()))
 
 
 def batch_loss(model: Any, batch: TargetBatch) -> torch.Tensor:

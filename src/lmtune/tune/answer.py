@@ -225,17 +225,17 @@ def _defaults_vs_tuned(study, done, confirmation, maximize: bool) -> dict[str, A
     others = [r for n, r in confirmed.items() if n != default.number]
     tuned = max(others, key=lambda r: sign * r["mean"]) if others else None
     base = confirmed.get(default.number)
-    # The defaults' mean can beat every confirmed searched trial (an E2E study over two sizes confirmed the best
-    # trial of each: the defaults and a worse, larger model). Then the answer is "tuning bought nothing", not a
-    # loss "beyond seed noise" measured against the runner-up.
-    runner_up = tuned if tuned and base and sign * base["mean"] >= sign * tuned["mean"] else None
-    if runner_up:
-        tuned = None
-    tuned_trial = tuned["trial"] if tuned else best_single.number
     view: dict[str, Any] = {"default_trial": default.number, "default_state": default.state.name,
-                            "default_value": default.value if _finite(default.value) else None,
-                            "tuned_trial": tuned_trial if tuned else best_single.number,
-                            "tuned_value": tuned["mean"] if tuned else best_single.value}
+                            "default_value": default.value if _finite(default.value) else None}
+    # The defaults' mean can beat every confirmed searched trial (an E2E study over two sizes confirmed the best
+    # trial of each: the defaults and a worse, larger model). Then the defaults are the answer, "tuning bought
+    # nothing", with the runner-up named beside them, not a loss "beyond seed noise" measured against it.
+    if tuned and base and sign * base["mean"] >= sign * tuned["mean"]:
+        return view | {"tuned_trial": default.number, "tuned_value": base["mean"], "gain": 0.0, "defaults_best": True,
+                       "default_mean": base["mean"], "default_std": base["std"], "seeds": base.get("seeds"),
+                       "runner_up": {k: tuned.get(k) for k in ("trial", "mean", "std", "seeds")}}
+    tuned_trial = tuned["trial"] if tuned else best_single.number
+    view |= {"tuned_trial": tuned_trial, "tuned_value": tuned["mean"] if tuned else best_single.value}
     if default.state == TrialState.FAIL:
         view["default_reason"] = default.user_attrs.get("fail_reason")
     if tuned and base and tuned_trial != default.number:
@@ -253,7 +253,7 @@ def _defaults_vs_tuned(study, done, confirmation, maximize: bool) -> dict[str, A
                  "tuned_std": tuned["std"], "gain": gain, "noise": noise, "seed_gains": seed_gains,
                  "search_seed": search_seed, "fresh_seed_gain": statistics.fmean(fresh) if fresh else None,
                  "verdict": verdict, "within_noise": verdict != "beyond"}
-    elif view["default_value"] is not None and not runner_up:
+    elif view["default_value"] is not None:
         # One run of the defaults, on the search seed: the gain is measured on that seed for both sides (the tuned
         # trial's own search-seed value, not its confirmed mean, which would set three seeds against one).
         tuned_single = next((t for t in done if t.number == view["tuned_trial"]), best_single)
@@ -263,13 +263,9 @@ def _defaults_vs_tuned(study, done, confirmation, maximize: bool) -> dict[str, A
             view |= {"tuned_mean": tuned["mean"], "tuned_std": tuned["std"], "tuned_seeds": tuned.get("seeds")}
     # No searched trial beat the defaults: the answer is "tuning bought nothing", with the defaults' own seed
     # spread where they were confirmed, not "seed noise not measured".
-    view["defaults_best"] = bool(runner_up) or (tuned is None and best_single.number == default.number)
+    view["defaults_best"] = tuned is None and best_single.number == default.number
     if view["defaults_best"] and base:
         view |= {"default_mean": base["mean"], "default_std": base["std"], "seeds": base.get("seeds")}
-    if runner_up:
-        # The best configuration is the defaults' own: nothing was bought, and the runner-up is named beside them.
-        view |= {"tuned_trial": default.number, "tuned_value": base["mean"], "gain": 0.0,
-                 "runner_up": {k: runner_up.get(k) for k in ("trial", "mean", "std", "seeds")}}
     return view
 
 

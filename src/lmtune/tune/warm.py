@@ -3,8 +3,9 @@
 ``lmtune tune --warm-start OTHER_STUDY`` reads the other study (its folder, as ``lmtune tune --out`` wrote it),
 ranks its finished trials by score in that study's own direction (a confirmed trial by its mean over seeds,
 the others by their one value) and queues the best ``--warm-start-top`` distinct configurations as the first
-trials of the new study, right after the default configuration. Each is moved into the new search space first (numbers clipped
-into its ranges, choices to the nearest one, a model the new space does not search replaced by its default).
+trials of the new study, right after the default configuration. Each is moved into the new search space first
+(numbers clipped into its ranges, choices to the nearest one, a model the new space does not search replaced by
+its default).
 
 Why queue and not copy: the other study's scores were measured on other data, often with another metric, so
 they must never enter this study's leaderboard, answer or pruning. Queued configurations are trained and
