@@ -69,14 +69,14 @@ def run_lmtune(spec: dict[str, Any]) -> dict[str, Any]:
     step_attn: list[float] = []  # sum over micro-batches of real tokens x padded length (attention FLOPs term)
     fwd_bwd: list[float] = []
     opt_times: list[float] = []
-    orig_step, orig_adamw = loop._train_step, loop._adamw
+    orig_fwd_bwd, orig_adamw = loop._forward_backward, loop._adamw
 
-    def timed_step(model, optimizer, accelerator, enc, share, *a, **k):
+    def timed_fwd_bwd(s, st, share, units):
         t0 = time.perf_counter()
-        r = orig_step(model, optimizer, accelerator, enc, share, *a, **k)
+        r = orig_fwd_bwd(s, st, share, units)
         fwd_bwd.append(time.perf_counter() - t0)
         opt_times.append(0.0)  # this step's optimizer time accumulates here
-        lens = [enc.lengths[i] for i in share]
+        lens = [s.train_enc.lengths[i] for i in share]
         step_tokens.append(sum(lens))
         step_padded.append(len(lens) * max(lens))
         step_attn.append(sum(lens) * max(lens))
@@ -87,7 +87,6 @@ def run_lmtune(spec: dict[str, Any]) -> dict[str, Any]:
         _attach_opt_timer(opt, opt_times, per_step=False)
         return opt
 
-    loop._train_step, loop._adamw = timed_step, adamw
     rss_after_eval: list[float] = []
 
     def on_eval(ev):
@@ -95,15 +94,20 @@ def run_lmtune(spec: dict[str, Any]) -> dict[str, Any]:
 
     cfg = lmtune.RunConfig(
         data=data_config(spec["data"], spec["rows"], spec.get("val_rows")),
-        model=lmtune.ModelConfig(attn_implementation=spec.get("attn", "auto")),
+        model=lmtune.ModelConfig(name=spec.get("model", lmtune.ModelConfig.name),
+                                 attn_implementation=spec.get("attn", "auto")),
         train=lmtune.TrainConfig(learning_rate=spec["lr"], global_batch_size=spec["batch"], max_steps=spec["steps"],
                                  warmup_ratio=spec["warmup_ratio"], weight_decay=spec["weight_decay"],
                                  max_length=spec["max_length"], seed=spec["seed"], precision=spec.get("precision", "auto"),
                                  eval_batch_size=spec.get("eval_batch", 32), log_every_steps=1, progress=False,
                                  save_checkpoints=False),
         output_dir=spec["workdir"] + "/run", overwrite=True, report=False)
+    loop._forward_backward, loop._adamw = timed_fwd_bwd, adamw
     t0 = time.time()
-    res = lmtune.train(cfg, on_evaluate=on_eval, quiet=True)
+    try:
+        res = lmtune.train(cfg, on_evaluate=on_eval, quiet=True)
+    finally:
+        loop._forward_backward, loop._adamw = orig_fwd_bwd, orig_adamw
     wall = time.time() - t0
     rec = res.record
     cum = [0.0] + [e["elapsed_s"] for e in rec["train_log"]]
