@@ -162,6 +162,26 @@ def test_logits_only_from_the_first_target_position(fixture, request):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize(("labels", "first_predictor"), [
+    ([[-100] * 6 + [7, 8, 9, 10], [-100] * 4 + [5, 6, 7]], 3),  # completions: the position before row 2's first
+    ([list(range(1, 11)), [-100] * 4 + [5, 6, 7]], 0),           # --train-on-prompt: a target at position 0
+    ([[-100] * 10, [-100] * 4 + [5, 6, 7]], 3),                  # a row without targets does not count
+    ([[-100] * 10, [-100] * 7], 6),                              # no target at all: a row's length counts
+])
+def test_the_plan_counts_the_logit_positions_the_loss_computes(labels, first_predictor):
+    """The plan's memory estimate (``logit_positions`` over per-row first targets) and the padded batch
+    (``first_predictor``) apply one rule, so the estimate is of the very logits a step computes."""
+    from types import SimpleNamespace
+
+    from lmtune.tasks.generation import _pad, first_target, logit_positions
+
+    enc = SimpleNamespace(input_ids=[list(range(1, 11)), list(range(1, 8))], labels=labels)
+    batch = _pad(enc, [0, 1], pad_id=0, device="cpu")
+    width = batch.input_ids.shape[1]
+    assert batch.first_predictor == first_predictor
+    assert logit_positions([first_target(y) for y in labels], width) == width - first_predictor
+
+
 def test_the_loss_reads_nothing_back_from_the_device():
     """On a GPU every read of a device value by the host (``.item()``, ``nonzero``, a boolean-mask gather) waits for
     the device: the loss of a batch must need none beyond the model's own (an H200 profile counted 9 per step in

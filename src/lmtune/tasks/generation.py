@@ -13,6 +13,7 @@ import inspect
 import json
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,7 +183,7 @@ class TargetBatch:
     target_ids: torch.Tensor
     """[targets]: the target token ids."""
     first_predictor: int
-    """The earliest predictor position of any row (0 when there is no target): logits are needed from there on."""
+    """``predictor_start`` of the rows: logits are needed from this position on."""
     tokens: int
     """Real (unpadded) tokens."""
 
@@ -214,7 +215,7 @@ def _pad(enc: Any, rows: list[int], pad_id: int, device: Any) -> TargetBatch:
     ids_d, mask_d, rows_d, predictors_d, targets_d = on_device.split([n, n, t, t, t])
     return TargetBatch(input_ids=ids_d.view(ids.shape), attention_mask=mask_d.view(ids.shape), target_rows=rows_d,
                        predictor_positions=predictors_d, target_ids=targets_d,
-                       first_predictor=int(target_pos.min()) - 1 if t else 0, tokens=int(mask.sum()))
+                       first_predictor=predictor_start(first_target(enc.labels[i]) for i in rows), tokens=int(mask.sum()))
 
 
 def batch_loss(model: Any, batch: TargetBatch) -> torch.Tensor:
@@ -238,9 +239,16 @@ def first_target(labels: Any) -> int:
     return next((i for i, y in enumerate(labels) if int(y) != IGNORE), len(labels))
 
 
-def logit_positions(first_targets: list[int], width: int) -> int:
+def predictor_start(first_targets: Iterable[int]) -> int:
+    """The earliest position whose logits a batch needs, given its rows' ``first_target`` indices: the one
+    before the earliest target (0 when a target starts a row). The one statement of the rule, for the batches
+    ``batch_loss`` runs and for the plan's memory estimate of them."""
+    return max(0, min(first_targets, default=1) - 1)
+
+
+def logit_positions(first_targets: Iterable[int], width: int) -> int:
     """How many positions ``batch_loss`` computes logits for, in a batch of rows padded to ``width``."""
-    return width - max(0, min(first_targets) - 1)
+    return width - predictor_start(first_targets)
 
 
 def _keeps_logits(model: Any) -> bool:
