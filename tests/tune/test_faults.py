@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,7 +16,7 @@ import torch
 from lmtune.cli import main
 from lmtune.config import DataConfig, ModelConfig, RunConfig, SearchConfig, TrainConfig, TuneConfig
 from lmtune.tune.study import tune
-from tests.tune.conftest import base_args, load, run, snapshot, start
+from tests.tune.conftest import ROOT, base_args, lmtune_env, load, run, snapshot, start
 
 
 def _states(study) -> list[str]:
@@ -91,6 +93,109 @@ def test_row5_signal_fails_and_requeues_then_rerun_completes(tune_data, tiny_lla
     assert again.returncode == 0, again.stdout
     study = load(out)
     assert _states(study).count("COMPLETE") == n and "RUNNING" not in _states(study)
+
+
+# A signal landing mid-query: the event listener runs between the SELECT that reads the trial and the fetch of its
+# row, where the real race put it (CI, stop 31: `lmtune tune` hung in its next database write, the reader's lock
+# never released, so the trial could not even be failed). A subprocess, so the old hang is a timeout, not a stuck suite.
+_SIGNAL_MID_QUERY = """
+import importlib, signal, sys
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from lmtune.cli import main
+
+study_module = importlib.import_module("lmtune.tune.study")  # `lmtune.tune` is also the function
+
+running, armed = [], []
+real_run_trial, real_params_m = study_module._run_trial, study_module._params_m
+
+def run_trial(study, trial, *args):
+    running[:] = [trial.number]
+    return real_run_trial(study, trial, *args)
+
+def params_m(name):
+    if running == [0]:  # trial 0, just before it records its model size: the next SELECT reads the trial
+        armed.append(True)
+    return real_params_m(name)
+
+@event.listens_for(Engine, "after_cursor_execute")
+def signal_mid_query(conn, cursor, statement, parameters, context, executemany):
+    if armed and statement.lstrip().upper().startswith("SELECT"):
+        armed.clear()
+        signal.raise_signal(signal.SIGTERM)
+
+study_module._run_trial, study_module._params_m = run_trial, params_m
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _run_script(path, source: str, args: list[str]) -> tuple[int, str]:
+    """`python SCRIPT ARGS` (a script that patches lmtune, then runs its CLI) with a deadline."""
+    path.write_text(source)
+    proc = subprocess.Popen([sys.executable, str(path), *args], cwd=ROOT, env=lmtune_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        text, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        text, _ = proc.communicate()
+        raise AssertionError(f"{path.name}: lmtune tune hung:\n{text}") from None
+    return proc.returncode, text
+
+
+def test_row5_a_signal_inside_a_database_query_waits_for_it_then_stops(tune_data, tiny_llama, tmp_path):
+    """The signal takes effect when the query returns: the trial is failed and re-queued, nothing hangs."""
+    out = tmp_path / "s"
+    args = base_args(tune_data, tiny_llama, out, "--lr", "1e-3..3e-3:log", "--n-trials", "2", "--pruner", "none")
+    code, text = _run_script(tmp_path / "signal_mid_query.py", _SIGNAL_MID_QUERY, args)
+    assert code == 130, text
+    assert "Traceback" not in text, text
+    study = load(out)
+    assert "RUNNING" not in _states(study), text
+    (t0,) = [t for t in study.get_trials() if t.state.name == "FAIL"]
+    assert t0.number == 0 and "SIGTERM" in t0.user_attrs.get("fail_reason", ""), text
+    assert t0.user_attrs.get("model_params_m") is not None, "the write the signal landed in was finished"
+    (retry,) = [t for t in study.get_trials() if t.system_attrs.get("failed_trial") == 0]
+    assert retry.state.name == "WAITING"
+
+
+_SIGNAL_IN_LAST_EVALUATION = """
+import importlib, signal, sys
+from lmtune.cli import main
+
+loop = importlib.import_module("lmtune.train.loop")
+study_module = importlib.import_module("lmtune.tune.study")
+running = []
+real_run_trial, real_evaluate = study_module._run_trial, loop._evaluate_and_keep
+
+def run_trial(study, trial, *args):
+    running[:] = [trial.number]
+    return real_run_trial(study, trial, *args)
+
+def evaluate_and_keep(s, st, *args):
+    if running == [0] and st.global_step >= s.total_steps:  # trial 0's last evaluation: no step left to stop at
+        signal.raise_signal(signal.SIGINT)
+    return real_evaluate(s, st, *args)
+
+study_module._run_trial, loop._evaluate_and_keep = run_trial, evaluate_and_keep
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_row5_a_signal_in_a_trials_last_evaluation_keeps_the_trial_and_stops_the_search(tune_data, tiny_llama, tmp_path):
+    """The training loop had no step left to stop at: the trial finishes and is recorded, and the search stops
+    there instead of starting the next trial (the request used to vanish with the loop)."""
+    out = tmp_path / "s"
+    args = base_args(tune_data, tiny_llama, out, "--lr", "1e-3..3e-3:log", "--n-trials", "2", "--pruner", "none")
+    code, text = _run_script(tmp_path / "signal_in_last_evaluation.py", _SIGNAL_IN_LAST_EVALUATION, args)
+    assert code == 130, text
+    assert "SIGINT during trial 0, which finished COMPLETE and is kept" in text, text
+    study = load(out)
+    assert [x for x in _states(study) if x != "WAITING"] == ["COMPLETE"], text  # trial 1 never started
+    again = run(args)
+    assert again.returncode == 0, again.stdout
+    study = load(out)
+    assert _states(study) == ["COMPLETE", "COMPLETE"]
 
 
 def test_row10_diverging_trial_is_pruned_never_complete(tune_data, tiny_llama, tmp_path):

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmtune import _signals as signals
 from lmtune._console import log, progress, quiet_libraries
 from lmtune._io import FolderLock, atomic_write_json, atomic_write_text, ensure_writable_dir, same_file
 from lmtune.config import RunConfig
@@ -82,12 +83,11 @@ def _micro_batches(indices: list[int], micro: int) -> list[list[int]]:
     return [indices[i : i + micro] for i in range(0, len(indices), micro)]
 
 
-def _stop_requested_handler(flag: dict[str, Any]) -> Callable:
-    def handler(signum, frame):  # noqa: ARG001
-        if flag.get("stop"):
-            raise KeyboardInterrupt
-        flag["stop"] = signal.Signals(signum).name
-    return handler
+def _stop_requested_handler(signum, frame) -> None:
+    if signals.stop_requested():
+        signals.interrupt(signum, frame)  # the second signal: at once, unless inside a database call (a search's)
+        return
+    signals.request_stop(signum)
 
 
 @dataclass
@@ -358,16 +358,16 @@ def _train_loop(s: _Session, st: TrainState, on_evaluate) -> bool:
     stopped_early = False
     bar = progress(s.total_steps, "training", tc.progress and s.main, initial=st.global_step)
     fault_step = int(os.environ.get("LMTUNE_FAULT_KILL_AT_STEP", "0") or 0)  # reliability tests: a real kill -9
-    with _stop_signals(s.main or s.world == 1) as stop:
+    with _stop_signals(s.main or s.world == 1):
         try:
             while st.global_step < s.total_steps and not stopped_early:
                 step_batches = s.sampler.batches(st.epoch)
                 while st.step_in_epoch < len(step_batches) and st.global_step < s.total_steps:
-                    if stop["stop"]:
+                    if signals.stop_requested():
                         _save_state(s, st)
                         where = (f"checkpoint written to {s.ckpt_root}; rerun with --resume to continue"
                                  if tc.save_checkpoints else "no checkpoint (checkpoints are off)")
-                        raise Interrupted(f"{stop['stop']}: stopped at step {st.global_step}; {where}")
+                        raise Interrupted(f"{signals.take_stop_request()}: stopped at step {st.global_step}; {where}")
                     _optimizer_step(s, st, step_batches[st.step_in_epoch], step_batches[0])
                     bar.update(1)
                     if st.global_step % tc.log_every_steps == 0:
@@ -396,20 +396,14 @@ def _train_loop(s: _Session, st: TrainState, on_evaluate) -> bool:
 
 @contextmanager
 def _stop_signals(install: bool):
-    """SIGINT/SIGTERM ask the loop to stop after the current step (a second one stops at once)."""
-    stop: dict[str, Any] = {"stop": None}
-    old = {}
-    if install:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                old[sig] = signal.signal(sig, _stop_requested_handler(stop))
-            except ValueError:  # not the main thread (e.g. a search running trials in threads)
-                pass
+    """SIGINT/SIGTERM ask the loop to stop after the current step (a second one stops at once). A request the
+    loop had no step left to act on outlives it: see ``lmtune._signals.stop_requested``."""
+    signals.take_stop_request()  # one left by an earlier run in this process is not this run's
+    old = signals.install(_stop_requested_handler) if install else {}
     try:
-        yield stop
+        yield
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        signals.restore(old)
 
 
 def _optimizer_step(s: _Session, st: TrainState, step_batch: list[int], first_batch: list[int]) -> None:

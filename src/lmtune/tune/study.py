@@ -38,6 +38,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from lmtune import _signals as signals
 from lmtune._console import log
 from lmtune._io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from lmtune.config import LOSS_METRICS, Metric, RunConfig, SearchConfig, TuneConfig
@@ -565,6 +566,9 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
             with _Heartbeat(study._storage, trial_id, tc.heartbeat_interval), _trial_meter(plan) as meter:
                 state = _run_trial(study, trial, space, run, tc, out, n_train, resources, train)
             current.clear()
+            asked = signals.take_stop_request()
+            if asked:  # it came after the trial's last step (its last evaluation, a prune): the trial is recorded
+                raise Interrupted(f"{asked} during trial {trial.number}, which finished {state.name} and is kept")
             consecutive_errors = 0 if state != TrialState.FAIL else consecutive_errors + 1
             if state in FINISHED:
                 trial_seconds.append(time.time() - t0)
@@ -578,13 +582,13 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
     except (Interrupted, KeyboardInterrupt) as e:
         # SIGINT/SIGTERM anywhere in the loop (loading a model, between trials, in a training step): the
         # trial this worker holds is failed and re-queued with the same parameters, never left RUNNING.
-        where = ""
+        where = f" ({e})" if isinstance(e, Interrupted) and not current else ""
         if current:
             _fail_and_requeue(study, current[0], f"interrupted ({e or type(e).__name__})")
             where = f"; trial {current[0].number} re-queued"
         raise Interrupted(f"search interrupted{where}; rerun the same command to resume") from None
     finally:
-        _restore_signals(old_handlers)
+        signals.restore(old_handlers)
 
     # What the search left of the budget, read before the seconds of bookkeeping below (importances, choosing
     # the worker that finishes) so that they do not eat the time kept for confirmation and refit.
@@ -703,25 +707,14 @@ def _check_plan(check, study, trial_id: int, meter) -> None:
 
 
 def _raise_on_signals() -> dict[int, Any]:
-    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread while the search runs.
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread while the search runs (never inside a
+    database call, which would leave its connection locked).
 
     Without this, SIGTERM (the default action: die at once) would leave the trial RUNNING until its
     heartbeat goes stale. ``train`` installs its own handler during training (stop after the step) and
     puts this one back when it returns.
     """
-    def handler(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    old = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.signal(sig, handler)
-    return old
-
-
-def _restore_signals(old: dict[int, Any]) -> None:
-    for sig, h in old.items():
-        signal.signal(sig, h)
+    return signals.install(signals.interrupt)  # held while a database call runs: see lmtune._signals
 
 
 def _fail_and_requeue(study, trial, reason: str) -> None:
