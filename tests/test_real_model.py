@@ -54,11 +54,12 @@ def test_fine_tune_smollm2_on_sst2(tmp_path):
     assert model.config.id2label == {0: "0", 1: "1"}
     clf = pipeline("text-classification", model=str(out))
     assert clf("a gripping, beautifully acted film")[0]["label"] in {"0", "1"}
-    # 400 of the 1,821 test rows: the whole file took 5 of this test's 10 minutes on a 2-core AVX2 machine.
+    # 200 of the 1,821 test rows: the whole file took 5 of this test's 10 minutes on a 2-core AVX2 machine, and
+    # 200 rows put chance (0.5) more than 3 standard errors below the bar.
     test = tmp_path / "test.tsv"
-    test.write_text("".join((data / "sst2" / "test.tsv").read_text().splitlines(keepends=True)[:401]))
+    test.write_text("".join((data / "sst2" / "test.tsv").read_text().splitlines(keepends=True)[:201]))
     r = lmtune.evaluate(str(out), str(test))
-    assert r["n"] == 400 and r["accuracy"] > 0.6
+    assert r["n"] == 200 and r["accuracy"] > 0.6
     assert (out / "report.html").is_file()
 
 

@@ -55,7 +55,7 @@ def test_gp_same_seed_same_study(tune_data, tiny_llama, tmp_path, monkeypatch):
     for name in ("a", "b"):
         monkeypatch.setenv("LMTUNE_CACHE", str(tmp_path / f"cache-{name}"))
         out = tmp_path / name
-        assert main(base_args(tune_data, tiny_llama, out, "--lr", "1e-4..3e-3:log", "--n-trials", "5",
+        assert main(base_args(tune_data, tiny_llama, out, "--lr", "1e-4..3e-3:log", "--n-trials", "4",
                               "--pruner", "none", "--sampler", "gp", "--sampler-seed", "7")) == 0
         snaps.append(snapshot(load(out)))
     assert snaps[0] == snaps[1]
