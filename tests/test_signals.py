@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
 import pytest
 
 from lmtune import _signals
-from lmtune._signals import in_storage, interrupt
+from lmtune._signals import deferred, in_storage, install, interrupt, restore
 
 _FAKE_QUERY = """
 import os, signal, sys, time
 
-def query(seconds):
-    os.kill(os.getpid(), signal.SIGUSR1)
+def query(seconds, sig=signal.SIGUSR1):
+    os.kill(os.getpid(), sig)
     start = time.monotonic()
     while time.monotonic() - start < seconds:  # busy, as a driver mid-fetch is
         pass
@@ -72,3 +73,24 @@ def test_a_database_call_stuck_past_the_limit_is_interrupted_where_it_stands(usr
     with pytest.raises(KeyboardInterrupt, match="SIGUSR1"):
         query(5)
     assert 0.3 <= time.monotonic() - t0 < 2.0
+
+
+def test_restore_puts_the_handlers_back_then_raises_a_signal_still_held():
+    before = signal.getsignal(signal.SIGINT)
+    old = install(interrupt)
+    query = _module("sqlalchemy.engine.fake")["query"]
+    query(0.01, signal.SIGINT)  # held; its first retry comes 50 ms later
+    with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+        restore(old)
+    assert signal.getsignal(signal.SIGINT) is before and _signals._Held.signum is None
+    time.sleep(0.2)  # nothing held: no copy follows
+
+
+def test_a_deferred_block_holds_a_signal_until_it_ends(usr1_interrupts):
+    with deferred():
+        os.kill(os.getpid(), signal.SIGUSR1)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.3:  # ordinary code, yet held: the block is cleanup that must finish
+            pass
+    with pytest.raises(KeyboardInterrupt, match="SIGUSR1"):
+        time.sleep(5)

@@ -13,8 +13,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
-from typing import Any, Callable
+from typing import Any
 
 # Code that runs with a database connection, a transaction or a storage lock held.
 STORAGE_MODULES = ("sqlalchemy", "sqlite3", "optuna.storages", "psycopg2", "psycopg", "pymysql", "redis")
@@ -33,6 +35,7 @@ class _Held:
     signum: int | None = None
     since: float = 0.0
     resent: bool = False  # the next delivery is the retry thread's copy
+    deferring: int = 0  # inside `deferred()`: every signal is held, as in database code
     lock = threading.RLock()
 
 
@@ -55,7 +58,7 @@ def interrupt(signum: int, frame: FrameType | None) -> None:
         elif resent:
             return  # a retry copy that arrived after the held signal was raised
         now = time.monotonic()
-        if in_storage(frame) and (_Held.signum is None or now - _Held.since < _STUCK_S):
+        if (_Held.deferring or in_storage(frame)) and (_Held.signum is None or now - _Held.since < _STUCK_S):
             if _Held.signum is None:
                 _Held.signum, _Held.since = signum, now
                 threading.Thread(target=_resend_while_held, name="lmtune-signal-retry", daemon=True).start()
@@ -85,12 +88,33 @@ def install(handler: Callable[[int, FrameType | None], Any]) -> dict[int, Any]:
     return old
 
 
+def holding() -> bool:
+    """Whether a signal is held, or its retry copy is on its way: the next delivery belongs to :func:`interrupt`."""
+    return _Held.signum is not None or _Held.resent
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM for the whole block, as if it were one database call: cleanup that must not stop half
+    way (failing and re-queueing an interrupted trial) runs to its end, then the signal is raised."""
+    _Held.deferring += 1
+    try:
+        yield
+    finally:
+        _Held.deferring -= 1
+
+
 def restore(old: dict[int, Any]) -> None:
     """Put the handlers back; a signal still held (it came during the last database call) is raised now."""
     with _Held.lock:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        held, _Held.signum = _Held.signum, None
+        # Cleared first: `signal.signal` runs a pending copy's handler before it swaps, and that copy must find
+        # nothing held (else it raises here and the old handlers never come back).
+        held, _Held.signum, _Held.resent = _Held.signum, None, True
+        try:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        finally:
+            _Held.resent = False
     if held is not None:
         raise KeyboardInterrupt(signal.Signals(held).name)
 

@@ -99,7 +99,7 @@ def test_row5_signal_fails_and_requeues_then_rerun_completes(tune_data, tiny_lla
 # row, where the real race put it (CI, stop 31: `lmtune tune` hung in its next database write, the reader's lock
 # never released, so the trial could not even be failed). A subprocess, so the old hang is a timeout, not a stuck suite.
 _SIGNAL_MID_QUERY = """
-import importlib, signal, sys
+import importlib, signal, sys, threading
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from lmtune.cli import main
@@ -120,7 +120,8 @@ def params_m(name):
 
 @event.listens_for(Engine, "after_cursor_execute")
 def signal_mid_query(conn, cursor, statement, parameters, context, executemany):
-    if armed and statement.lstrip().upper().startswith("SELECT"):
+    # The main thread's query (the heartbeat thread queries too).
+    if armed and threading.current_thread() is threading.main_thread() and statement.lstrip().upper().startswith("SELECT"):
         armed.clear()
         signal.raise_signal(signal.SIGTERM)
 

@@ -84,8 +84,9 @@ def _micro_batches(indices: list[int], micro: int) -> list[list[int]]:
 
 
 def _stop_requested_handler(signum, frame) -> None:
-    if signals.stop_requested():
-        signals.interrupt(signum, frame)  # the second signal: at once, unless inside a database call (a search's)
+    # The second signal (or a held one's retry copy): at once, unless inside a database call (a search's).
+    if signals.stop_requested() or signals.holding():
+        signals.interrupt(signum, frame)
         return
     signals.request_stop(signum)
 

@@ -583,8 +583,10 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
         # SIGINT/SIGTERM anywhere in the loop (loading a model, between trials, in a training step): the
         # trial this worker holds is failed and re-queued with the same parameters, never left RUNNING.
         where = f" ({e})" if isinstance(e, Interrupted) and not current else ""
+        signals.take_stop_request()  # acted on here
         if current:
-            _fail_and_requeue(study, current[0], f"interrupted ({e or type(e).__name__})")
+            with signals.deferred():  # a second Ctrl-C must not stop the re-queue half way
+                _fail_and_requeue(study, current[0], f"interrupted ({e or type(e).__name__})")
             where = f"; trial {current[0].number} re-queued"
         raise Interrupted(f"search interrupted{where}; rerun the same command to resume") from None
     finally:
