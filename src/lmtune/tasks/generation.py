@@ -196,13 +196,15 @@ def _pad(enc: Any, rows: list[int], pad_id: int, device: Any) -> TargetBatch:
         width = -(-width // multiple) * multiple
     ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    where, targets = [], []
+    where, targets, firsts = [], [], []
     for r, i in enumerate(rows):
         k = len(enc.input_ids[i])
         ids[r, :k] = torch.as_tensor(enc.input_ids[i])
         mask[r, :k] = 1
         labels = np.asarray(enc.labels[i], dtype=np.int64)
-        positions = np.flatnonzero(labels[1:] != IGNORE) + 1  # position 0 has no predictor
+        labelled = np.flatnonzero(labels != IGNORE)
+        firsts.append(int(labelled[0]) if labelled.size else len(labels))  # first_target, from the same scan
+        positions = labelled[labelled > 0]  # position 0 has no predictor
         where.append(positions)
         targets.append(labels[positions])
     target_rows = np.repeat(np.arange(len(rows), dtype=np.int64), [len(t) for t in where])
@@ -215,7 +217,7 @@ def _pad(enc: Any, rows: list[int], pad_id: int, device: Any) -> TargetBatch:
     ids_d, mask_d, rows_d, predictors_d, targets_d = on_device.split([n, n, t, t, t])
     return TargetBatch(input_ids=ids_d.view(ids.shape), attention_mask=mask_d.view(ids.shape), target_rows=rows_d,
                        predictor_positions=predictors_d, target_ids=targets_d,
-                       first_predictor=predictor_start(first_target(enc.labels[i]) for i in rows), tokens=int(mask.sum()))
+                       first_predictor=predictor_start(firsts), tokens=int(mask.sum()))
 
 
 def batch_loss(model: Any, batch: TargetBatch) -> torch.Tensor:
