@@ -95,23 +95,32 @@ def test_row5_signal_fails_and_requeues_then_rerun_completes(tune_data, tiny_lla
     assert _states(study).count("COMPLETE") == n and "RUNNING" not in _states(study)
 
 
-# A signal landing mid-query: the event listener runs between the SELECT that reads the trial and the fetch of its
-# row, where the real race put it (CI, stop 31: `lmtune tune` hung in its next database write, the reader's lock
-# never released, so the trial could not even be failed). A subprocess, so the old hang is a timeout, not a stuck suite.
-_SIGNAL_MID_QUERY = """
+# Both scripts below start so: `running` holds the number of the trial being run; each script then patches one
+# place to send its signal and runs the CLI.
+_TRACK_TRIALS = """
 import importlib, signal, sys, threading
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
 from lmtune.cli import main
 
 study_module = importlib.import_module("lmtune.tune.study")  # `lmtune.tune` is also the function
-
-running, armed = [], []
-real_run_trial, real_params_m = study_module._run_trial, study_module._params_m
+running = []
+real_run_trial = study_module._run_trial
 
 def run_trial(study, trial, *args):
     running[:] = [trial.number]
     return real_run_trial(study, trial, *args)
+
+study_module._run_trial = run_trial
+"""
+
+# A signal landing mid-query: the event listener runs between the SELECT that reads the trial and the fetch of its
+# row, where the real race put it (CI, stop 31: `lmtune tune` hung in its next database write, the reader's lock
+# never released, so the trial could not even be failed). A subprocess, so the old hang is a timeout, not a stuck suite.
+_SIGNAL_MID_QUERY = _TRACK_TRIALS + """
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+armed = []
+real_params_m = study_module._params_m
 
 def params_m(name):
     if running == [0]:  # trial 0, just before it records its model size: the next SELECT reads the trial
@@ -125,7 +134,7 @@ def signal_mid_query(conn, cursor, statement, parameters, context, executemany):
         armed.clear()
         signal.raise_signal(signal.SIGTERM)
 
-study_module._run_trial, study_module._params_m = run_trial, params_m
+study_module._params_m = params_m
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -160,25 +169,16 @@ def test_row5_a_signal_inside_a_database_query_waits_for_it_then_stops(tune_data
     assert retry.state.name == "WAITING"
 
 
-_SIGNAL_IN_LAST_EVALUATION = """
-import importlib, signal, sys
-from lmtune.cli import main
-
+_SIGNAL_IN_LAST_EVALUATION = _TRACK_TRIALS + """
 loop = importlib.import_module("lmtune.train.loop")
-study_module = importlib.import_module("lmtune.tune.study")
-running = []
-real_run_trial, real_evaluate = study_module._run_trial, loop._evaluate_and_keep
-
-def run_trial(study, trial, *args):
-    running[:] = [trial.number]
-    return real_run_trial(study, trial, *args)
+real_evaluate = loop._evaluate_and_keep
 
 def evaluate_and_keep(s, st, *args):
     if running == [0] and st.global_step >= s.total_steps:  # trial 0's last evaluation: no step left to stop at
         signal.raise_signal(signal.SIGINT)
     return real_evaluate(s, st, *args)
 
-study_module._run_trial, loop._evaluate_and_keep = run_trial, evaluate_and_keep
+loop._evaluate_and_keep = evaluate_and_keep
 sys.exit(main(sys.argv[1:]))
 """
 
