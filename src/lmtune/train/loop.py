@@ -298,8 +298,12 @@ def _setup(cfg: RunConfig, task: Any, resources: Resources | None, say) -> _Sess
             f"{_millions(loaded.trainable_params)} trainable, method {cfg.model.method}); precision "
             f"{'fp32' if mixed == 'no' else mixed}; {world} process(es); "
             f"batch {tc.global_batch_size} = micro {micro} x {world} process(es) x accumulation")
+        too_long = getattr(train_enc, "completion_too_long", None) or []
         say(f"steps: {steps_per_epoch} per epoch, {total_steps} in all; max length {tc.max_length} "
-            f"({train_enc.truncated} of {len(train_enc)} training rows cut)")
+            f"({train_enc.truncated} of {len(train_enc)} training rows cut"
+            + (f"; {len(too_long)} lost the end of their completion and their end token, e.g. line"
+               f"{'s' if len(too_long) > 1 else ''} {', '.join(map(str, too_long[:5]))}: raise --max-length"
+               if too_long else "") + ")")
     return _Session(cfg, task, Path(cfg.output_dir), accelerator, model, loaded.tokenizer, loaded, bundle, train_enc,
                     val_enc, optimizer, scheduler, master, mixed, sampler, steps_per_epoch, total_steps, say,
                     tc.eval_batch_size or 2 * micro)
@@ -362,8 +366,11 @@ def _train_loop(s: _Session, st: TrainState, on_evaluate) -> bool:
     with _stop_signals(s.main or s.world == 1):
         try:
             while st.global_step < s.total_steps and not stopped_early:
-                step_batches = s.sampler.batches(st.epoch)
-                while st.step_in_epoch < len(step_batches) and st.global_step < s.total_steps:
+                epoch = st.epoch
+                step_batches = s.sampler.batches(epoch)
+                # Until the epoch-end evaluation advances st.epoch: the next epoch draws its own order (the inner loop
+                # used to carry on with this epoch's batches, so every epoch after the first replayed the first's).
+                while st.epoch == epoch and st.step_in_epoch < len(step_batches) and st.global_step < s.total_steps:
                     if signals.stop_requested():
                         _save_state(s, st)
                         where = (f"checkpoint written to {s.ckpt_root}; rerun with --resume to continue"
