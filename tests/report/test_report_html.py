@@ -69,7 +69,7 @@ def test_study_report(study_dir: Path):
     out = write_report(str(study_dir))
     page = Path(out).read_text()
     _assert_offline(page)
-    for needle in ("Leaderboard", "Optimisation history", "every trial", "Parallel coordinates", "Parameter importance",
+    for needle in ("Leaderboard", "Optimisation history", "every trial", "Parallel coordinates", "Importance for", "finished so far",
                    "Learning rate x batch size", "against the cost of a trial", "Seed confirmation",
                    "Best trial: run report", 'href="best/report.html"', "optuna-dashboard sqlite:///",
                    "DivergenceError: validation loss is nan", "pruned at step"):
@@ -106,7 +106,7 @@ def test_study_still_running_without_confirmation_or_best(tmp_path):
 def test_study_with_too_few_trials(tmp_path, n):
     sd = make_study(tmp_path / "s", n_trials=n, confirm=False, best_run=False)
     page = Path(write_report(str(sd))).read_text()
-    assert "Parameter importances need at least 2 complete trials" in page
+    assert "Parameter importances need at least 3 complete trials" in page
     assert "Parallel coordinates need at least 2 complete trials" in page
     summary = (sd / "summary.md").read_text()
     assert f"trials: {n}" in summary

@@ -12,7 +12,8 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from lmtune.tune.answer import DEFAULT_ATTR, answer_lines, compute_answer, default_trial_line, importance_bands
+from lmtune.tune.answer import (DEFAULT_ATTR, REFIT_SKIPPED_ATTR, answer_lines, compute_answer, default_trial_line,
+                                importance_bands, search_seconds)
 
 LR = FloatDistribution(1e-5, 1e-3, log=True)
 BATCH = CategoricalDistribution((8, 16, 32))
@@ -293,3 +294,44 @@ def test_the_default_trial_line_claims_no_gap_when_the_defaults_are_the_best_tri
     assert "the best trial (#7) is +0.0200 better" in beaten
     # a minimised metric: the best trial's lower loss is the gain
     assert "the best trial (#3) is +0.1000 better" in default_trial_line(0, 1.4, 3, 1.3, "val_loss", maximize=False)
+
+
+def test_a_refit_skipped_for_the_budget_is_said_with_its_rows_and_seconds():
+    study = synthetic_study(12)
+    assert not any("best/" in line for line in compute_answer(study)["statements"])
+    study.set_user_attr(REFIT_SKIPPED_ATTR, {"search_rows": 800, "all_rows": 2000, "left_s": 310.0, "needs_s": 5449.0})
+    answer = compute_answer(study)
+    said = [line for line in answer["statements"] if line.startswith("best/")]
+    assert len(said) == 1
+    assert "800 training rows, not all 2000" in said[0] and "~5449 s" in said[0] and "310 s" in said[0]
+    assert answer["handed_back"]["trained_on"] == "the search's sample" and answer["handed_back"]["rows"] == 800
+    # A refit that ran answers for itself: nothing skipped to say.
+    refit = {"search_rows": 800, "refit_rows": 2000, "search_value": 0.9, "refit_value": 0.91, "kept": "refit"}
+    ran = compute_answer(study, refit=refit)
+    assert not any(line.startswith("best/") for line in ran["statements"])
+    assert ran["handed_back"] == {"trial": study.best_trial.number, "value": study.best_value,
+                                  "trained_on": "all rows", "rows": 2000}
+
+
+def test_best_dir_holding_a_single_seed_winner_that_the_defaults_match_is_said():
+    study = synthetic_study(12)
+    best = study.best_trial.number
+    assert best != 0
+    confirmation = {"results": [{"trial": best, "mean": 0.880, "std": 0.004, "seeds": [0, 1, 2],
+                                 "values": [study.best_value, 0.872, 0.870]},
+                                {"trial": 0, "mean": 0.886, "std": 0.003, "seeds": [0, 1, 2],
+                                 "values": [0.884, 0.885, 0.889]}]}
+    answer = compute_answer(study, confirmation=confirmation)
+    said = [line for line in answer["statements"] if line.startswith("best/")]
+    assert len(said) == 1 and f"trial #{best}" in said[0] and "not the defaults (trial #0)" in said[0]
+    assert "0.8860 +- 0.0030 over 3 seeds" in said[0]
+
+
+def test_the_trials_a_budget_buys_leave_out_the_calibration_and_the_reserve():
+    study = synthetic_study(12, models=True)  # small trials take 100 s, large 200 s
+    plan = {"budget_s": 2400.0, "reserve_s": 720.0, "calibration": {"seconds": 480.0}}
+    assert search_seconds(plan) == 1200.0 and search_seconds(None) is None and search_seconds({"budget_s": None}) is None
+    whole = {s["model"]: s["trials_in_budget"] for s in compute_answer(study, budget_s=2400.0)["sizes"]}
+    net = {s["model"]: s["trials_in_budget"] for s in compute_answer(study, budget_s=2400.0,
+                                                                     search_s=search_seconds(plan))["sizes"]}
+    assert whole == {"small": 24, "large": 12} and net == {"small": 12, "large": 6}

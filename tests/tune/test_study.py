@@ -72,8 +72,15 @@ def test_outputs_leaderboard_importances_study_json(finished_study):
     assert len(rows) == N and {r["state"] for r in rows} == {"COMPLETE", "PRUNED"}
     assert rows[0]["state"] == "COMPLETE" and float(rows[0]["accuracy"]) == load(out).best_value
     assert "learning_rate" in rows[0]
+    # One computation: importances.json holds the answer's bootstrap medians, not a second fANOVA of its own.
     importances = json.loads((out / "importances.json").read_text())
-    assert isinstance(importances, dict)
+    answer = json.loads((out / "answer.json").read_text())
+    assert importances == {b["parameter"]: b["importance"] for b in answer["importances"]}
+    if answer["importances"]:  # the report draws them once, in the answer, and points there
+        from lmtune.report import write_report
+
+        page = Path(write_report(str(out))).read_text()
+        assert "importances.json holds" in page and page.count("Importance for accuracy") == 1
     meta = json.loads((out / "study.json").read_text())
     assert meta["n_trials"] == N and meta["metric"] == "accuracy" and meta["direction"] == "maximize"
     assert meta["space"]["learning_rate"] == "0.003,1e-08" and meta["storage"].startswith("sqlite:///")

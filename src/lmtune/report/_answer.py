@@ -37,7 +37,7 @@ def answer_section(page: Page, answer: dict[str, Any] | None, problem: str | Non
                   "warn" if problem else "info")
         return
     page.raw("<ul>" + "".join(f"<li>{esc(s)}</li>" for s in answer["statements"] if isinstance(s, str)) + "</ul>")
-    _bands_chart(page, answer)
+    bands_chart(page, answer)
     _parameter_table(page, answer)
     _sizes_table(page, answer)
     for name, view in answer["parameters"].items():
@@ -45,7 +45,7 @@ def answer_section(page: Page, answer: dict[str, Any] | None, problem: str | Non
             _points_chart(page, answer, name, view)
 
 
-def _bands_chart(page: Page, answer: dict[str, Any]) -> None:
+def bands_chart(page: Page, answer: dict[str, Any]) -> None:
     import plotly.graph_objects as go
 
     bands = [b for b in answer["importances"] if isinstance(b, dict) and isinstance(b.get("importance"), (int, float))]

@@ -24,7 +24,7 @@ from urllib.parse import quote, unquote
 
 from lmtune.errors import StudyError
 from lmtune.records import STUDY_FILE
-from lmtune.report._answer import ANSWER_FILE, answer_section, read_answer
+from lmtune.report._answer import ANSWER_FILE, bands_chart, answer_section, read_answer
 from lmtune.report._page import (BEST_COLOR, MUTED_COLOR, TRAIN_COLOR, Cell, Page, esc, fcount, fnum, fparam, log_ticks, metric_scale,
                                  num_cell, scale_color, style)
 from lmtune.report._run import (RUN_RECORD, TEXT_METRICS, RunData, _finite, _json_type, add_run_sections, guarded,
@@ -619,57 +619,30 @@ def _is_log(sd: StudyData, name: str) -> bool:
     return any(h in name for h in _LOG_HINTS) and max(vals) / min(vals) > 10
 
 
-def _stored_importances(sd: StudyData, varied: list[str]) -> dict[str, float] | None:
-    """The importances `lmtune tune` computed and stored (importances.json), so the terminal, the files and this
-    page show one computation; None when absent or unusable (a running study: computed here instead)."""
-    path = sd.folder / "importances.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or not data or not all(isinstance(k, str) and isinstance(v, (int, float))
-                                                         for k, v in data.items()):
-        return None
-    return {k: float(v) for k, v in data.items()}
-
-
 def _importances(page: Page, sd: StudyData) -> None:
-    import optuna
-    import plotly.graph_objects as go
+    """The answer's importances (answer.json, drawn in the answer section) are the study's one computation; a study
+    still running has no answer yet, so the same computation runs here on the trials finished so far."""
+    from lmtune.tune.answer import MIN_TRIALS_FOR_IMPORTANCE, importance_bands
 
-    complete = sd.complete
+    complete = [t for t in sd.complete if isinstance(t.value, (int, float)) and math.isfinite(t.value)]
     varied = [p for p in sd.param_names if len({repr(t.params.get(p)) for t in complete if p in t.params}) > 1]
-    if len(complete) < 2 or not varied:
-        page.note(f"Parameter importances need at least 2 complete trials with different settings "
-                  f"({len(complete)} complete so far).")
+    if len(complete) < MIN_TRIALS_FOR_IMPORTANCE or not varied:
+        page.note(f"Parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} complete trials with different "
+                  f"settings ({len(complete)} complete so far).")
         return
-    imp = _stored_importances(sd, varied)
-    error = ""
+    if sd.answer is not None and sd.answer.get("importances"):
+        page.note("The importances, with their bootstrap bands, are the answer's (above): one computation, the one "
+                  "the terminal printed and importances.json holds.")
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for params in (None, [p for p in varied if all(p in t.params for t in complete)]):
-            if imp or params == []:
-                break
-            try:
-                imp = optuna.importance.get_param_importances(
-                    sd.study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=params)
-                break
-            except Exception as e:  # dynamic spaces, too few trials, ...: try the shared params, then give up
-                error = f"{type(e).__name__}: {e}"
-    if not imp:
-        page.note(f"Parameter importances could not be computed ({error or 'no varied parameters'}).")
+        bands = importance_bands(sd.study.direction, complete, varied)
+    if not bands:
+        page.note("Parameter importances could not be computed from these trials (e.g. a parameter that only some "
+                  "trials have, or no spread in the metric).")
         return
-    names = list(imp)[::-1]
-    fig = go.Figure(go.Bar(x=[imp[n] for n in names], y=names, orientation="h", marker_color=TRAIN_COLOR,
-                           text=[f"{imp[n]:.2f}" for n in names], textposition="outside",
-                           hovertemplate="%{y}: %{x:.3f} of the explained variance<extra></extra>"))
-    style(fig, f"Parameter importance for {sd.metric} (fANOVA, {len(complete)} complete trials)",
-          "importance (share of explained variance of the metric, sums to 1)", "parameter",
-          height=max(260, 90 + 38 * len(names)), legend=False)
-    fig.update_xaxes(range=[0, min(1.15, max(imp.values()) * 1.25 + 0.02)])
-    fig.update_layout(margin={"l": 140})
-    page.figure(fig, "How much of the variation in the metric each setting explains, estimated by fANOVA from the completed "
-                     f"trials only. With {len(complete)} trials this is a rough guide, not a measurement.")
+    bands_chart(page, {"importances": bands, "metric": sd.metric, "trials": {"complete": len(complete)}})
+    page.note(f"Computed on the {len(complete)} trials finished so far, as the answer will be when the study ends.")
 
 
 def _parallel(page: Page, sd: StudyData) -> None:

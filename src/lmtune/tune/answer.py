@@ -1,7 +1,8 @@
 """The answer to the question a study is run for: which parameters matter for this task, and what values win?
 
-Computed once, at the end of a study (and again by ``lmtune tune --show``), from the study's trials, the seed
-confirmation (``confirm.json``) and the refit (``refit.json``); stored as ``answer.json``. The terminal,
+Computed once, at the end of a study, from the study's trials, the seed confirmation (``confirm.json``) and the
+refit (``refit.json``); stored as ``answer.json``, which ``lmtune tune --show`` reads back (a running study has none
+yet). The terminal,
 ``summary.md`` and ``report.html`` all show this one computation, so they cannot disagree (they did when the
 terminal and the report each ran fANOVA with a different seed).
 
@@ -44,11 +45,22 @@ BEST_SHARE = 0.25
 """The share of finished trials whose parameter values make 'the range where the best trials lie'."""
 
 
+def search_seconds(plan: dict[str, Any] | None) -> float | None:
+    """The seconds of a study's --budget that trials get, from its ``plan.json``: the budget less the plan's
+    calibration and what is kept back for confirmation and refit (the plan's own count of trials uses the same)."""
+    if not isinstance(plan, dict) or not _finite(plan.get("budget_s")):
+        return None
+    calibration = plan.get("calibration") if isinstance(plan.get("calibration"), dict) else {}
+    spent = sum(float(v) for v in (plan.get("reserve_s"), calibration.get("seconds")) if _finite(v))
+    return max(0.0, float(plan["budget_s"]) - spent)
+
+
 def compute_answer(study: optuna.Study, *, confirmation: dict[str, Any] | None = None,
-                   refit: dict[str, Any] | None = None, budget_s: float | None = None, n_bootstrap: int = 30,
-                   seed: int = 0) -> dict[str, Any]:
+                   refit: dict[str, Any] | None = None, budget_s: float | None = None,
+                   search_s: float | None = None, n_bootstrap: int = 30, seed: int = 0) -> dict[str, Any]:
     """Everything the answer shows, as plain JSON-ready values (see the module docstring). ``budget_s``: the study's
-    --budget, to say how many trials of each size it buys."""
+    --budget; ``search_s``: the part of it trials get (``search_seconds``), to say how many trials of each size it
+    buys (the whole budget where not known)."""
     metric = study.user_attrs.get("metric", "value")
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if _finite(t.value)]
@@ -60,9 +72,11 @@ def compute_answer(study: optuna.Study, *, confirmation: dict[str, Any] | None =
         "importances": importance_bands(study.direction, done, searched, n_bootstrap=n_bootstrap, seed=seed),
         "parameters": {name: _parameter_view(name, done, maximize) for name in searched},
         "defaults_vs_tuned": _defaults_vs_tuned(study, done, confirmation, maximize),
-        "sizes": _sizes(study, done, confirmation, maximize, budget_s),
+        "sizes": _sizes(study, done, confirmation, maximize, search_s if search_s is not None else budget_s),
         "budget_s": budget_s,
+        "search_s": search_s,
         "refit": _refit_view(refit),
+        "handed_back": _handed_back(study, done, maximize, refit),
     }
     answer["statements"] = statements(answer)
     return answer
@@ -341,6 +355,44 @@ def _refit_view(refit: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: refit.get(k) for k in keys}
 
 
+REFIT_SKIPPED_ATTR = "lmtune_refit_skipped"
+"""Study attribute: the refit that was due (the search trained on a sample) but did not fit in the budget left."""
+
+
+def _handed_back(study, done, maximize: bool, refit: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What ``best/`` holds: the trial, and whether it was trained on every training row."""
+    if not done:
+        return None
+    sign = 1.0 if maximize else -1.0
+    best = max(done, key=lambda t: sign * t.value)
+    view: dict[str, Any] = {"trial": best.number, "value": best.value}
+    if isinstance(refit, dict):
+        view |= {"trained_on": "all rows" if refit.get("kept") == "refit" else "the search's sample",
+                 "rows": refit.get("refit_rows") if refit.get("kept") == "refit" else refit.get("search_rows")}
+    skipped = study.user_attrs.get(REFIT_SKIPPED_ATTR)
+    if isinstance(skipped, dict) and refit is None:
+        view |= {"trained_on": "the search's sample", "rows": skipped.get("search_rows"), "refit_skipped": skipped}
+    return view
+
+
+def _handed_back_statements(answer: dict[str, Any]) -> list[str]:
+    """Where best/ is not what a reader would assume (the winner, trained on every row), say so and why."""
+    h = answer.get("handed_back") or {}
+    out = []
+    skipped = h.get("refit_skipped")
+    if skipped:
+        out.append(f"best/ (trial #{h['trial']}) was trained on the search's {skipped.get('search_rows')} training rows, "
+                   f"not all {skipped.get('all_rows')}: the refit on every row needs ~{skipped.get('needs_s', 0):.0f} s "
+                   f"and {skipped.get('left_s', 0):.0f} s of the budget were left. For a model trained on every row, "
+                   "run `lmtune train` with the best parameters on the whole file, or give a larger --budget.")
+    d = answer.get("defaults_vs_tuned") or {}
+    if d.get("defaults_best") and h and h.get("trial") != d.get("default_trial"):
+        out.append(f"best/ holds trial #{h['trial']}, the best single-seed value ({h['value']:.4f}), not the defaults "
+                   f"(trial #{d['default_trial']}), which did as well or better over the confirmation seeds "
+                   f"({defaults_spread(d)}); `lmtune train` at the defaults makes their model.")
+    return out
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -405,7 +457,7 @@ def statements(answer: dict[str, Any]) -> list[str]:
         out.append(_size_verdict(sizes, metric, answer.get("budget_s"), answer.get("direction") != "minimize"))
     if not any(s.get("confirmed_mean") is not None for s in answer["sizes"]):
         out.append("No seed confirmation ran: every value is one seed, and seed noise is unmeasured.")
-    return out
+    return out + _handed_back_statements(answer)
 
 
 def _defaults_statement(d: dict[str, Any], metric: str, direction: str | None) -> str:

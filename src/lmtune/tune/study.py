@@ -43,8 +43,9 @@ from lmtune._console import log
 from lmtune._io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from lmtune.config import LOSS_METRICS, Metric, RunConfig, SearchConfig, TuneConfig
 from lmtune.errors import ConfigError, DivergenceError, Interrupted, LmtuneError, ModelError, StudyError
-from lmtune.records import STUDY_FILE
-from lmtune.tune.answer import ANSWER_FILE, DEFAULT_ATTR, FILL_ATTR, answer_lines, compute_answer, default_trial_line
+from lmtune.records import RECORD_FILE, STUDY_FILE
+from lmtune.tune.answer import (ANSWER_FILE, DEFAULT_ATTR, FILL_ATTR, REFIT_SKIPPED_ATTR, answer_lines, compute_answer,
+                               default_trial_line, search_seconds)
 from lmtune.tune.space import SEARCHABLE, SearchSpace, build_space
 from lmtune.tune.warm import WARM_ATTR, load_source, warm_configurations
 
@@ -347,14 +348,21 @@ def tune(run: RunConfig, search: SearchConfig | None = None, tc: TuneConfig | No
 
     tc = tc or TuneConfig()
     out = Path(run.output_dir)
-    if (out / "lmtune_run.json").is_file() and not (out / STUDY_FILE).is_file():
+    if (out / RECORD_FILE).is_file() and not (out / STUDY_FILE).is_file():
         raise ConfigError(f"--out {out} holds a training run (lmtune train); a study needs its own folder")
     with TuneWorker(tc.threads_per_worker) as worker, warnings.catch_warnings():
         # fail_stale_trials and heartbeats are marked experimental; the warning would repeat before every trial.
         # Filtered here, not at import: importing lmtune must not change the process's warning filters.
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        worker.apply()  # data loading and tokenisation already use the share
-        return _tune(run, search, tc, worker)
+        # lmtune prints one line per trial and a leaderboard; Optuna's own per-trial INFO lines would repeat them.
+        # Put back on return, like the warning filter: a caller's Optuna logging is the caller's.
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            worker.apply()  # data loading and tokenisation already use the share
+            return _tune(run, search, tc, worker)
+        finally:
+            optuna.logging.set_verbosity(verbosity)
 
 
 def _trial_limit_text(n_trials: int | None, budget: str | None) -> str:
@@ -370,8 +378,6 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
     from lmtune.train import Resources, train
 
     search = search or SearchConfig()
-    # lmtune prints one line per trial and a leaderboard; Optuna's own per-trial INFO lines would repeat them.
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = ensure_writable_dir(run.output_dir, "--out")
     url = tc.storage or default_storage(out)
     t_start = time.time()
@@ -603,6 +609,10 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
         top, seeds, do_refit, note = finish.fit(study, trial_seconds, left, refit_rows is not None)
         if note:
             log.info(note)
+        if refit_rows is not None and not do_refit:  # the answer says best/ holds a model of the sample, and why
+            study.set_user_attr(REFIT_SKIPPED_ATTR, {
+                "search_rows": n_train, "all_rows": refit_rows, "left_s": round(max(0.0, left or 0.0), 1),
+                "needs_s": round(finish.wanted(study, trial_seconds)[1], 1)})
         if seeds:
             sized = dataclasses.replace(tc, confirm_top=top, confirm_seeds=seeds)
             result.confirmation = confirm(study, space, run, sized, out, n_train, resources, train, worker=worker)
@@ -1165,24 +1175,15 @@ def summarize(study, out: Path, metric: str) -> TuneResult:
     result = TuneResult(str(out), study.study_name, storage_url, best.params if best else None,
                         best.value if best else None, best.number if best else None,
                         str(out / "best") if best and (out / "best").is_dir() else None, counts)
-    result.importances = importances(study)
     return result
-
-
-def importances(study) -> dict[str, float]:
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(done) < 3:
-        return {}
-    try:
-        # Seeded: fANOVA's random forest gave different rankings on the same trials run to run.
-        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(study, evaluator=evaluator).items()}
-    except Exception:  # e.g. every trial has the same parameters
-        return {}
 
 
 def _write_outputs(study, out: Path, metric: str, result: TuneResult) -> None:
     rows = leaderboard(study)
+    answer = _write_answer(study, out, result)
+    # The answer's importances (bootstrap medians), not a second fANOVA: a separate run on all trials gave other
+    # numbers for the same parameter (E2E's learning rate 0.46 against the answer's 0.33), and the report drew both.
+    result.importances = {b["parameter"]: b["importance"] for b in answer["importances"]}
     atomic_write_json(out / "importances.json", result.importances)
     cols = ["trial", "state", metric, "seconds"] + sorted({k for r in rows for k in r["params"]})
     lines = [",".join(cols)]
@@ -1205,7 +1206,7 @@ def _write_outputs(study, out: Path, metric: str, result: TuneResult) -> None:
         value = "diverged" if r.get("refit_value") is None else f"{r['refit_value']:.4f}"
         log.info(f"refit on {r['refit_rows']} rows: {metric} {value} (search-trained on {r['search_rows']} rows: "
                  f"{r['search_value']:.4f}); best/ holds the {r['kept']}-trained model")
-    for line in answer_lines(_write_answer(study, out, result)):
+    for line in answer_lines(answer):
         log.info(line)
     c = result.counts
     log.info(f"trials: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed, {c['running']} running"
@@ -1221,14 +1222,16 @@ def _write_answer(study, out: Path, result: TuneResult) -> dict[str, Any]:
             confirmation = json.loads((out / "confirm.json").read_text())
         except ValueError:
             confirmation = None
-    budget_s = None
+    plan = None
     if (out / "plan.json").is_file():
         try:
-            budget_s = json.loads((out / "plan.json").read_text()).get("budget_s")
-        except (ValueError, AttributeError):
-            budget_s = None
+            plan = json.loads((out / "plan.json").read_text())
+        except ValueError:
+            plan = None
+    budget_s = plan.get("budget_s") if isinstance(plan, dict) else None
     answer = compute_answer(study, confirmation=confirmation, refit=result.refit,
-                            budget_s=budget_s if isinstance(budget_s, (int, float)) else None)
+                            budget_s=budget_s if isinstance(budget_s, (int, float)) else None,
+                            search_s=search_seconds(plan))
     atomic_write_json(out / ANSWER_FILE, answer)
     return answer
 
