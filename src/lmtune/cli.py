@@ -59,32 +59,32 @@ def run_config_from_args(ns: argparse.Namespace) -> RunConfig:
             over[key] = getattr(ns, key)
     cfg = build_config(RunConfig.from_dict, base, over, getattr(ns, "config", None))
     if not cfg.data.train_file and not getattr(ns, "print_config", False):
-        raise ConfigError("--data (--train-file) is required: the labelled training file")
+        raise ConfigError("--data (--train-file) is required: the training file (labelled texts, or prompt -> completion pairs)")
     return cfg
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lmtune", description="Fine-tune GPT-style language models for text classification and tune them.")
+    parser = _Parser(prog="lmtune", description="Fine-tune GPT-style language models for text classification or generation (prompt -> completion) and tune them.")
     parser.add_argument("--version", action="version", version=f"lmtune {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="More log output.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("train", help="Fine-tune one configuration.", description="Fine-tune one configuration of a causal-LM checkpoint for text classification.")
+    p = sub.add_parser("train", help="Fine-tune one configuration.", description="Fine-tune one configuration of a causal-LM checkpoint: text classification, or generation (prompt -> completion; OpenAI fine-tuning JSONL as it is). The task is detected from the data, or set with --task.")
     _add_run_flags(p)
 
-    p = sub.add_parser("evaluate", help="Score a trained model on a labelled file.")
-    p.add_argument("model_dir", metavar="DIR", help="Folder written by `lmtune train` (or any sequence-classification checkpoint).")
-    p.add_argument("--data", required=True, metavar="FILE", help="Labelled CSV/TSV/JSONL/Parquet file.")
+    p = sub.add_parser("evaluate", help="Score a trained model on a file with labels or reference completions.")
+    p.add_argument("model_dir", metavar="DIR", help="Folder written by `lmtune train` (or any sequence-classification or causal-LM checkpoint).")
+    p.add_argument("--data", required=True, metavar="FILE", help="CSV/TSV/JSONL/Parquet file with labels (classification) or completions (generation: all references of a prompt are scored).")
     _add_column_flags(p, labels=True)
     p.add_argument("--output", metavar="JSON", help="Where to write the metrics (default DIR/eval/<file>.json).")
     _add_row_policy_flags(p, labels=True)
     p.add_argument("--batch-size", type=_positive_int, default=32, help="Examples per forward pass (default 32).")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="Inference precision (default auto).")
 
-    p = sub.add_parser("predict", help="Label texts from a file or stdin, with probabilities.")
+    p = sub.add_parser("predict", help="Label texts (with probabilities) or complete prompts, from a file or stdin.")
     p.add_argument("model_dir", metavar="DIR", help="Folder written by `lmtune train`.")
     p.add_argument("input", nargs="?", default="-", metavar="FILE",
-                   help="CSV/TSV/JSONL/Parquet file, or - for stdin (one text per line; default).")
+                   help="CSV/TSV/JSONL/Parquet file, or - for stdin (one text or prompt per line; default).")
     _add_column_flags(p, labels=False)
     p.add_argument("--output", "-o", metavar="FILE", help="Write here (.csv or .jsonl); default stdout.")
     p.add_argument("--format", choices=["csv", "tsv", "jsonl"], help="Output format (default from --output's extension, else jsonl).")

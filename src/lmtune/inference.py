@@ -55,9 +55,17 @@ def task_of(model_dir: str) -> str:
     return "classification"
 
 
-def load(model_dir: str, *, precision: str = "auto", max_length: int | None = None) -> Classifier:
-    """Load a folder written by ``lmtune train`` (or any sequence-classification checkpoint)."""
+def load(model_dir: str, *, precision: str = "auto", max_length: int | None = None) -> Any:
+    """Load a folder written by ``lmtune train`` (or any sequence-classification or causal-LM checkpoint): a
+    :class:`Classifier`, or for a generation model (see :func:`task_of`) a
+    :class:`lmtune.tasks.generation.Generator` (its ``model``, ``tokenizer``, stop ids and ``max_new_tokens``)."""
     from transformers import AutoModelForSequenceClassification
+
+    if task_of(model_dir) == "generation":
+        from lmtune.tasks.generation import Generator
+
+        # A sequence-classification class over a causal LM's folder would build a fresh, random head.
+        return Generator(model_dir)
 
     from lmtune.models import load_tokenizer
     from lmtune.records import RECORD_FILE
@@ -152,8 +160,6 @@ def predict(model_dir: str, data: str | list[str] | Any, *, text_column: str | N
     if task_of(model_dir) == "generation":
         from lmtune.tasks.generation import predict_generation
 
-        if isinstance(data, Table):  # stdin lines: each is a prompt
-            data = _prompts_of(data)
         return predict_generation(model_dir, data, batch_size=batch_size, empty_text=empty_text,
                                   **(generation_columns or {}))
     from lmtune.train.metrics import softmax
@@ -206,10 +212,3 @@ def _read(path: str, clf: Classifier, *, require_labels: bool, policies: dict[st
         if preferred == given:
             raise
         return read_table(path, require_labels=require_labels, **policies, **given)
-
-
-def _prompts_of(table: Any) -> Any:
-    from lmtune.data.generation import GenExample, GenTable, Message
-
-    return GenTable(table.path, [GenExample([Message("user", t)], line, True) for t, line in zip(table.texts, table.line_numbers)],
-                    "columns", None, None)

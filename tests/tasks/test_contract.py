@@ -106,7 +106,8 @@ def test_a_search_runs_on_every_task(task, tiny_llama, sentiment_files, generati
                  "--confirm-seeds", "0", "--no-report"])
     assert code == 0
     meta = json.loads((out / "study.json").read_text())
-    assert meta["task"] == task and meta["direction"] == "maximize" if task == "classification" else "minimize"
+    assert meta["task"] == task
+    assert meta["direction"] == ("maximize" if task == "classification" else "minimize")
     assert json.loads((out / "best" / "lmtune_run.json").read_text())["task"] == task
 
 
@@ -123,3 +124,21 @@ def test_without_lr_the_task_default_is_trained_with_and_recorded(task, default_
         record = json.loads((out / "lmtune_run.json").read_text())
         assert record["config"]["train"]["learning_rate"] == pytest.approx(want)
         assert result.history[-1]["lr"] == pytest.approx(want)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_bf16_master_learns_and_saves_fp32_weights(task, tiny_llama, sentiment_files, generation_files, tmp_path):
+    """The CPU default (bf16 model, fp32 masters) on every task: it learns, and the saved weights are the fp32
+    masters, not bf16 values widened."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    result = lmtune.train(run_config(task, tiny_llama, files_for(task, sentiment_files, generation_files), out,
+                                     precision="bf16-master", epochs=2, micro_batch_size=8))
+    assert result.record["precision"] == "bf16-master"
+    losses = [h["val_loss"] for h in result.history]
+    assert losses[-1] < losses[0], losses
+    weights = load_file(str(out / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    assert any(not torch.equal(t, t.to(torch.bfloat16).float()) for t in weights.values())

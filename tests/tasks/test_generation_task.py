@@ -10,6 +10,7 @@ import torch
 
 import lmtune
 from lmtune.cli import main
+from tests.tasks.conftest import WORDS
 
 
 def gen_config(model, files, out, **train):
@@ -69,6 +70,10 @@ def test_train_on_prompt_puts_the_loss_on_every_token(tiny_llama, generation_fil
     every = lmtune.train(gen_config(tiny_llama, generation_files, tmp_path / "b", max_steps=1, train_on_prompt=True))
     assert every.record["timing"]["train_tokens"] == only.record["timing"]["train_tokens"]
     assert every.history[0]["val_loss"] != only.history[0]["val_loss"]  # more (and other) tokens are scored
+    # What decoding must write is the completion either way: the prompt's targets do not lengthen max_new_tokens.
+    lengths = [r["train_completion"] for r in (only.record["data"]["token_lengths"], every.record["data"]["token_lengths"])]
+    assert lengths[0] == lengths[1]
+    assert every.record["generation"]["max_new_tokens"] == only.record["generation"]["max_new_tokens"]
 
 
 def test_too_long_rows_keep_the_completion_and_are_counted(tiny_llama, tmp_path):
@@ -84,6 +89,56 @@ def test_too_long_rows_keep_the_completion_and_are_counted(tiny_llama, tmp_path)
     assert cut["train"]["count"] + cut["val"]["count"] == 10
     assert all(line % 4 == 1 for line in cut["train"]["lines"])  # JSON lines 1, 5, 9, ...
     assert "bleu" not in result.best  # --eval-generate-rows 0: loss and perplexity only
+
+
+def test_a_completion_that_does_not_fit_is_named_on_the_console(tiny_llama, tmp_path, caplog):
+    rows = [{"prompt": f"repeat: good {WORDS[i % 5]}",
+             "completion": " ".join(["good film"] * 20) if i % 8 == 0 else "good"} for i in range(40)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("INFO", logger="lmtune"):
+        result = lmtune.train(lmtune.RunConfig(data=lmtune.DataConfig(train_file=str(tmp_path / "d.jsonl")),
+                                               model=lmtune.ModelConfig(name=tiny_llama),
+                                               train=lmtune.TrainConfig(max_length=16, max_steps=1, precision="fp32",
+                                                                        progress=False, eval_generate_rows=0),
+                                               output_dir=str(tmp_path / "o"), report=False))
+    lines = result.record["data"]["completion_too_long"]["train"]["lines"]
+    assert lines and all(line % 8 == 1 for line in lines)
+    said = next(r.getMessage() for r in caplog.records if "lost the end of their completion" in r.getMessage())
+    assert f"{len(lines)} lost the end" in said and str(lines[0]) in said
+
+
+def test_bare_prompts_are_put_through_the_training_prompt_template(tiny_llama, tmp_path, monkeypatch, capsys):
+    import io
+
+    from lmtune.tasks.generation import fill_prompt_template
+
+    rows = [{"words": w, "out": w} for w in ["good film", "bad plot", "nice story", "dull film"] * 8]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "o"
+    lmtune.train(lmtune.RunConfig(data=lmtune.DataConfig(train_file=str(tmp_path / "d.jsonl"), task="generation",
+                                                         prompt_template="repeat: {words}", completion_column="out"),
+                                  model=lmtune.ModelConfig(name=tiny_llama),
+                                  train=lmtune.TrainConfig(max_length=32, max_steps=1, precision="fp32", progress=False,
+                                                           eval_generate_rows=0, max_new_tokens=4),
+                                  output_dir=str(out), report=False))
+    (tmp_path / "p.jsonl").write_text(json.dumps({"words": "good film"}) + "\n")
+    from_file = lmtune.predict(str(out), str(tmp_path / "p.jsonl"))[0]
+    assert from_file["prompt"] == "repeat: good film"
+    from_list = lmtune.predict(str(out), ["good film"])[0]
+    assert from_list["prompt"] == "repeat: good film" and from_list["completion"] == from_file["completion"]
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"good film\n")))
+    capsys.readouterr()
+    assert main(["predict", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed.splitlines()[0])["completion"] == from_file["completion"], printed
+    assert fill_prompt_template(["a"], None) == ["a"]
+    with pytest.raises(lmtune.errors.DataError, match="fills 2 columns"):
+        fill_prompt_template(["a"], "{src} -> {tgt}")
+
+
+def test_load_gives_a_generation_folder_its_causal_lm(trained):
+    loaded = lmtune.load(str(trained))
+    assert type(loaded).__name__ == "Generator" and loaded.model.config.architectures[0].endswith("ForCausalLM")
 
 
 def test_eval_generate_rows_samples_prompts(tiny_llama, generation_files, tmp_path):
@@ -251,3 +306,37 @@ def test_final_only_decoding_with_a_text_metric_is_refused(tiny_llama, generatio
                  "--metric", "bleu", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "--eval-generate final" in err and "--metric bleu" in err and "Traceback" not in err
+
+
+def test_kill9_then_resume_equals_the_uninterrupted_run(tiny_llama, generation_files, tmp_path):
+    """ENGINEERING.md §3 row 3 on the generation task: a run killed after a checkpoint and resumed ends with the
+    uninterrupted run's evaluations and weights (fp32, same seed)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "lmtune", "train", "--model", tiny_llama, "--data", generation_files["train"],
+                "--val-file", generation_files["val"], "--lr", "3e-3", "--batch-size", "16", "--epochs", "2",
+                "--eval-every-steps", "4", "--checkpoint-every-steps", "2", "--precision", "fp32", "--max-length", "48",
+                "--eval-generate-rows", "0", "--no-progress", "--no-report", "--out", str(out), *extra]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(cmd(tmp_path / "full"), check=True, capture_output=True, timeout=300, env=env)
+    killed = subprocess.run(cmd(tmp_path / "k"), capture_output=True, timeout=300,
+                            env=env | {"LMTUNE_FAULT_KILL_AT_STEP": "7"})
+    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "k" / "lmtune_run.json").exists()
+    resumed = subprocess.run(cmd(tmp_path / "k", "--resume"), capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+
+    def history(folder):
+        return [{k: h[k] for k in ("step", "train_loss", "val_loss")}
+                for h in json.loads((folder / "lmtune_run.json").read_text())["history"]]
+
+    assert history(tmp_path / "k") == history(tmp_path / "full")
+    a, b = load_file(str(tmp_path / "k" / "model.safetensors")), load_file(str(tmp_path / "full" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

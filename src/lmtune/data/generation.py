@@ -42,7 +42,7 @@ wins over the global flag). The first token of a row never has a label (no model
 Rows longer than ``max_length`` lose the start of their prompt (a leading BOS is kept): the completion
 and its end token stay whole (listed in ``cut``). When the completion does not fit with at least one
 prompt token, the prompt keeps at most half the room and the completion is cut at its end, without EOS
-(listed in ``completion_too_long``; the training loop should report the count).
+(listed in ``completion_too_long``; the training loop reports the count and the first lines).
 """
 
 from __future__ import annotations

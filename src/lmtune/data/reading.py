@@ -599,7 +599,8 @@ def _resolve_columns(
 
     if text is None:
         raise DataError(
-            f"{path}: cannot tell which column holds the text; columns: {names}; name it with --text-column"
+            f"{path}: cannot tell which column holds the text; columns: {names}; name it with --text-column "
+            "(for prompt -> completion data: --prompt-column and --completion-column)"
         )
     if label is None and require_labels:
         raise LabelError(

@@ -162,8 +162,11 @@ class GenerationTask:
 
 
 def completion_lengths(enc: Any) -> list[int]:
-    """Target tokens per row: the completion and its end token (what --max-new-tokens must cover)."""
-    return [int(n) for n in enc.target_tokens]
+    """Per row, the target tokens of its completion, the part after the prompt, and its end token: what decoding
+    writes and --max-new-tokens must cover. Not ``target_tokens``: with --train-on-prompt those count the prompt
+    too, and in a multi-turn chat the earlier assistant turns, which are part of the prompt at decoding."""
+    return [int(np.count_nonzero(np.asarray(labels[len(prompt):], dtype=np.int64) != IGNORE))
+            for labels, prompt in zip(enc.labels, enc.prompt_ids)]
 
 
 @dataclass(frozen=True)
@@ -359,8 +362,10 @@ class Generator:
         from lmtune.data.generation import read_generation_table
 
         d = self.data_cfg
+        # Prompts to complete need no completion column: training's is asked for only when scoring against it.
+        trained_completion = d.get("completion_column") if require_completion else None
         return read_generation_table(path, prompt_column=prompt_column or d.get("prompt_column"),
-                                     completion_column=completion_column or d.get("completion_column"),
+                                     completion_column=completion_column or trained_completion,
                                      prompt_template=prompt_template or d.get("prompt_template"),
                                      require_completion=require_completion, empty_text=empty_text)
 
@@ -404,16 +409,22 @@ def evaluate_generation(model_dir: str, data_file: str, *, batch_size: int = 16,
 
 def predict_generation(model_dir: str, data: Any, *, batch_size: int = 16, max_new_tokens: int | None = None,
                        empty_text: str = "error", **columns: str | None) -> list[dict[str, Any]]:
-    """Completions for a file (any layout training reads; a completion, if present, is ignored), a list of prompt
-    strings, or a GenTable (whose line numbers the rows keep)."""
+    """Completions for a file (any layout training reads; a completion, if present, is ignored), bare prompts (a
+    list of strings, or a ``lmtune.data.Table`` of stdin lines, put through the training --prompt-template), or a
+    GenTable (whose line numbers the rows keep)."""
+    from lmtune.data import Table
     from lmtune.data.generation import GenExample, GenTable, Message
     from lmtune.decoding import decode, generate
 
     g = Generator(model_dir, max_new_tokens=max_new_tokens)
     if isinstance(data, GenTable):
         table = data
-    elif isinstance(data, list):
-        table = GenTable("<input>", [GenExample([Message("user", t)], i + 1, True) for i, t in enumerate(data)],
+    elif isinstance(data, (list, Table)):  # bare prompts: a list, or stdin's lines (a Table keeps their numbers)
+        lines = data.line_numbers if isinstance(data, Table) else list(range(1, len(data) + 1))
+        texts = fill_prompt_template(list(data.texts if isinstance(data, Table) else data),
+                                     columns.get("prompt_template") or g.data_cfg.get("prompt_template"))
+        table = GenTable(data.path if isinstance(data, Table) else "<input>",
+                         [GenExample([Message("user", t)], line, True) for t, line in zip(texts, lines)],
                          "columns", None, None)
     else:
         table = g.read(data, require_completion=False, empty_text=empty_text, **columns)
@@ -422,3 +433,21 @@ def predict_generation(model_dir: str, data: Any, *, batch_size: int = 16, max_n
                        max_new_tokens=g.max_new_tokens, batch_size=batch_size)
     return [{"line": ex.line, "prompt": ex.prompt, "completion": text}
             for ex, text in zip(table.examples, decode(g.tokenizer, out_ids))]
+
+
+def fill_prompt_template(texts: list[str], template: str | None) -> list[str]:
+    """Bare prompts (stdin lines, a Python list) put through the --prompt-template the model was trained with (or
+    the one given), so that they read as the training prompts did: each text fills the template's one field. A
+    template over several columns cannot be filled from one text: that is an error naming them."""
+    import string
+
+    from lmtune.errors import DataError
+
+    if not template:
+        return list(texts)
+    fields = list(dict.fromkeys(name.split(".", 1)[0].split("[", 1)[0]
+                                for _, name, _, _ in string.Formatter().parse(template) if name))
+    if len(fields) != 1:
+        raise DataError(f"--prompt-template {template!r} fills {len(fields)} columns ({', '.join(fields)}) and a bare "
+                        "prompt is one text: pass a file with those columns instead of stdin or a list")
+    return [template.format_map({fields[0]: t}) for t in texts]
