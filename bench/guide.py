@@ -270,25 +270,27 @@ def study_trials(folder: Path, answer: dict[str, Any]) -> list[Any]:
     return rebuild_study(folder, answer).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
-def recompute(results: Path = RESULTS) -> None:
-    """Every study's whole answer, by lmtune's current code, from its raw trials (``leaderboard.csv``), its seed
+def recomputed_answer(folder: Path, stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored study's whole answer, by lmtune's current code, from its raw trials (``leaderboard.csv``), its seed
     confirmation (``confirm.json``), its refit and its budget."""
     from lmtune.config import TuneConfig
     from lmtune.tune.answer import compute_answer, search_seconds
 
+    conf, plan = folder / "confirm.json", folder / "plan.json"
+    budget_s = stored.get("budget_s")
+    # Studies kept without their plan.json: the budget less the default reserve (every such study's log shows 30 %
+    # kept back); their calibration time is not known, so the count may still be a little high.
+    search_s = (search_seconds(json.loads(plan.read_text())) if plan.is_file()
+                else round(budget_s * (1 - TuneConfig().reserve_fraction), 1) if budget_s else None)
+    return compute_answer(rebuild_study(folder, stored), confirmation=json.loads(conf.read_text()) if conf.is_file() else None,
+                          refit=stored.get("refit"), budget_s=budget_s, search_s=search_s)
+
+
+def recompute(results: Path = RESULTS) -> None:
+    """Rewrite every study's answer.json with ``recomputed_answer``."""
     for meta in sorted(results.glob("*/guide.json")):
         path = meta.parent / "answer.json"
-        answer = json.loads(path.read_text())
-        conf = meta.parent / "confirm.json"
-        plan = meta.parent / "plan.json"
-        budget_s = answer.get("budget_s")
-        # Studies kept without their plan.json: the budget less the default reserve (every such study's log shows
-        # 30 % kept back); their calibration time is not known, so the count may still be a little high.
-        search_s = (search_seconds(json.loads(plan.read_text())) if plan.is_file()
-                    else budget_s * (1 - TuneConfig().reserve_fraction) if budget_s else None)
-        study = rebuild_study(meta.parent, answer)
-        new = compute_answer(study, confirmation=json.loads(conf.read_text()) if conf.is_file() else None,
-                             refit=answer.get("refit"), budget_s=budget_s, search_s=search_s)
+        new = recomputed_answer(meta.parent, json.loads(path.read_text()))
         path.write_text(json.dumps(new, indent=2) + "\n")
         print(f"recomputed {path} from {new['trials']['complete']} finished trials")
 

@@ -58,7 +58,9 @@ def task_of(model_dir: str) -> str:
 def load(model_dir: str, *, precision: str = "auto", max_length: int | None = None) -> Any:
     """Load a folder written by ``lmtune train`` (or any sequence-classification or causal-LM checkpoint): a
     :class:`Classifier`, or for a generation model (see :func:`task_of`) a
-    :class:`lmtune.tasks.generation.Generator` (its ``model``, ``tokenizer``, stop ids and ``max_new_tokens``)."""
+    :class:`lmtune.tasks.generation.Generator` (its ``model``, ``tokenizer``, stop ids and ``max_new_tokens``; in
+    fp32, as lmtune decodes, with the training run's max length: ``precision`` and ``max_length`` are for
+    classification)."""
     from transformers import AutoModelForSequenceClassification
 
     if task_of(model_dir) == "generation":

@@ -118,12 +118,8 @@ def test_every_stored_answer_is_what_the_current_code_computes_from_its_raw_tria
     # answer.json is written once, at the end of a study; when lmtune's answer code changes, `python -m bench guide
     # --recompute` must rewrite it, or the guide shows conclusions the code no longer draws.
     from bench.common import RESULTS
-    from lmtune.tune.answer import compute_answer
 
     for meta in sorted(RESULTS.glob("*/guide.json")):
         stored = json.loads((meta.parent / "answer.json").read_text())
-        conf = meta.parent / "confirm.json"
-        fresh = compute_answer(guide.rebuild_study(meta.parent, stored),
-                               confirmation=json.loads(conf.read_text()) if conf.is_file() else None,
-                               refit=stored.get("refit"), budget_s=stored.get("budget_s"))
+        fresh = guide.recomputed_answer(meta.parent, stored)
         assert json.loads(json.dumps(fresh)) == stored, f"{meta.parent.name}: run python -m bench guide --recompute"

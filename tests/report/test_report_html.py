@@ -201,3 +201,20 @@ def test_size_view_draws_the_frontier_the_confirmed_means_and_the_verdict(study_
     ys = json.loads("[" + re.search(r'"y":\[([^\]]*)\]', section[start:]).group(1) + "]")
     study = optuna.load_study(study_name="sst-small", storage=f"sqlite:///{study_dir / 'study.db'}")
     assert ys == sorted(ys) and ys[-1] == pytest.approx(study.best_value)
+
+
+def test_a_finished_studys_importances_are_drawn_once_from_its_answer(study_dir: Path):
+    """One computation: with answer.json the section points to the answer's chart, and the page has that one chart;
+    without it (a running study) the same computation runs on the trials so far (test_study_report)."""
+    import optuna
+
+    from lmtune.tune.answer import compute_answer
+
+    storage = f"sqlite:///{(study_dir / 'study.db').resolve()}"
+    study = optuna.load_study(study_name="sst-small", storage=storage)
+    answer = compute_answer(study)
+    assert answer["importances"]
+    (study_dir / "answer.json").write_text(json.dumps(answer))
+    page = Path(write_report(str(study_dir))).read_text()
+    assert "importances.json holds" in page and "finished so far" not in page
+    assert page.count("with its 10th..90th percentile over bootstrap resamples") == 1

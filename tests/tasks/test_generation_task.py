@@ -130,10 +130,14 @@ def test_bare_prompts_are_put_through_the_training_prompt_template(tiny_llama, t
     capsys.readouterr()
     assert main(["predict", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert json.loads(printed.splitlines()[0])["completion"] == from_file["completion"], printed
+    row = json.loads(printed.splitlines()[0])
+    assert row["prompt"] == "repeat: good film" and row["completion"] == from_file["completion"], printed
     assert fill_prompt_template(["a"], None) == ["a"]
-    with pytest.raises(lmtune.errors.DataError, match="fills 2 columns"):
-        fill_prompt_template(["a"], "{src} -> {tgt}")
+    assert fill_prompt_template(["a"], "{x:>3} {{x}}") == ["  a {x}"]  # format specs and braces as in training
+    for bad, said in (("{src} -> {tgt}", "fills 2 columns"), ("Q: {", "not a valid template"),
+                      ("{}", "fields must name columns"), ("{x:{w}}", "cannot be filled")):
+        with pytest.raises(lmtune.errors.DataError, match=said):
+            fill_prompt_template(["a"], bad)
 
 
 def test_load_gives_a_generation_folder_its_causal_lm(trained):
@@ -327,7 +331,7 @@ def test_kill9_then_resume_equals_the_uninterrupted_run(tiny_llama, generation_f
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(cmd(tmp_path / "full"), check=True, capture_output=True, timeout=300, env=env)
     killed = subprocess.run(cmd(tmp_path / "k"), capture_output=True, timeout=300,
-                            env=env | {"LMTUNE_FAULT_KILL_AT_STEP": "7"})
+                            env=env | {"LMTUNE_FAULT_KILL_AT_STEP": "9"})  # 6 steps an epoch: mid-epoch 2
     assert killed.returncode == -signal.SIGKILL and not (tmp_path / "k" / "lmtune_run.json").exists()
     resumed = subprocess.run(cmd(tmp_path / "k", "--resume"), capture_output=True, text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr

@@ -114,6 +114,9 @@ def test_refit_on_all_rows_after_a_search_on_a_sample(tune_data, tiny_llama, tmp
     assert main(base_args(tune_data, tiny_llama, out, "--lr", "3e-3", "--n-trials", "2", "--pruner", "none",
                           "--max-train-rows", "60")) == 0
     assert (out / "refit.json").stat().st_mtime_ns == before
+    # ... and its answer still says what best/ holds (the rerun reads refit.json; it used to drop the refit)
+    handed = json.loads((out / "answer.json").read_text())["handed_back"]
+    assert handed["trial"] == refit["trial"] and handed["rows"] == (120 if refit["kept"] == "refit" else 60)
 
 
 def test_no_refit_when_the_search_saw_every_row(tune_data, tiny_llama, tmp_path):

@@ -76,11 +76,6 @@ def test_outputs_leaderboard_importances_study_json(finished_study):
     importances = json.loads((out / "importances.json").read_text())
     answer = json.loads((out / "answer.json").read_text())
     assert importances == {b["parameter"]: b["importance"] for b in answer["importances"]}
-    if answer["importances"]:  # the report draws them once, in the answer, and points there
-        from lmtune.report import write_report
-
-        page = Path(write_report(str(out))).read_text()
-        assert "importances.json holds" in page and page.count("Importance for accuracy") == 1
     meta = json.loads((out / "study.json").read_text())
     assert meta["n_trials"] == N and meta["metric"] == "accuracy" and meta["direction"] == "maximize"
     assert meta["space"]["learning_rate"] == "0.003,1e-08" and meta["storage"].startswith("sqlite:///")

@@ -285,7 +285,10 @@ def _resolve_columns(
     cols = _Columns(path, names)
     hint_pairs = ", ".join(f"{a}/{b}" for a, b in GEN_PAIRS) + ", instruction+input/output"
 
-    comp = _find(path, names, completion_column, "--completion-column") if completion_column else None
+    # Prompts to complete (predict) need no completion: a completion column the file lacks (the training file's,
+    # from the run record) is no error then.
+    named = completion_column and (require_completion or any(n.lower() == completion_column.lower() for n in names))
+    comp = _find(path, names, completion_column, "--completion-column") if named else None
     if prompt_template is not None:
         fields = _template_fields(path, prompt_template, names)
         spec = _Spec(None, comp, template=prompt_template, template_fields=fields)

@@ -24,7 +24,7 @@ from urllib.parse import quote, unquote
 
 from lmtune.errors import StudyError
 from lmtune.records import STUDY_FILE
-from lmtune.report._answer import ANSWER_FILE, bands_chart, answer_section, read_answer
+from lmtune.report._answer import ANSWER_FILE, answer_section, bands_chart, read_answer
 from lmtune.report._page import (BEST_COLOR, MUTED_COLOR, TRAIN_COLOR, Cell, Page, esc, fcount, fnum, fparam, log_ticks, metric_scale,
                                  num_cell, scale_color, style)
 from lmtune.report._run import (RUN_RECORD, TEXT_METRICS, RunData, _finite, _json_type, add_run_sections, guarded,
@@ -636,7 +636,7 @@ def _importances(page: Page, sd: StudyData) -> None:
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        bands = importance_bands(sd.study.direction, complete, varied)
+        bands = importance_bands("maximize" if sd.maximize else "minimize", complete, varied)
     if not bands:
         page.note("Parameter importances could not be computed from these trials (e.g. a parameter that only some "
                   "trials have, or no spread in the metric).")

@@ -362,10 +362,8 @@ class Generator:
         from lmtune.data.generation import read_generation_table
 
         d = self.data_cfg
-        # Prompts to complete need no completion column: training's is asked for only when scoring against it.
-        trained_completion = d.get("completion_column") if require_completion else None
         return read_generation_table(path, prompt_column=prompt_column or d.get("prompt_column"),
-                                     completion_column=completion_column or trained_completion,
+                                     completion_column=completion_column or d.get("completion_column"),
                                      prompt_template=prompt_template or d.get("prompt_template"),
                                      require_completion=require_completion, empty_text=empty_text)
 
@@ -445,9 +443,17 @@ def fill_prompt_template(texts: list[str], template: str | None) -> list[str]:
 
     if not template:
         return list(texts)
-    fields = list(dict.fromkeys(name.split(".", 1)[0].split("[", 1)[0]
-                                for _, name, _, _ in string.Formatter().parse(template) if name))
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise DataError(f"--prompt-template {template!r}: not a valid template ({e}); write fields as {{column}}") from None
+    fields = list(dict.fromkeys(n.split(".", 1)[0].split("[", 1)[0] for n in names))
+    if any(f == "" or f.isdigit() for f in fields):
+        raise DataError(f"--prompt-template {template!r}: fields must name columns ({{column}})")
     if len(fields) != 1:
         raise DataError(f"--prompt-template {template!r} fills {len(fields)} columns ({', '.join(fields)}) and a bare "
                         "prompt is one text: pass a file with those columns instead of stdin or a list")
-    return [template.format_map({fields[0]: t}) for t in texts]
+    try:
+        return [template.format_map({fields[0]: t}) for t in texts]
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
+        raise DataError(f"--prompt-template {template!r} cannot be filled with a prompt ({type(e).__name__}: {e})") from None

@@ -2,9 +2,8 @@
 
 Computed once, at the end of a study, from the study's trials, the seed confirmation (``confirm.json``) and the
 refit (``refit.json``); stored as ``answer.json``, which ``lmtune tune --show`` reads back (a running study has none
-yet). The terminal,
-``summary.md`` and ``report.html`` all show this one computation, so they cannot disagree (they did when the
-terminal and the report each ran fANOVA with a different seed).
+yet). The terminal, ``summary.md``, ``report.html`` and ``importances.json`` all show this one computation, so they
+cannot disagree (they did when the terminal and the report each ran fANOVA with a different seed).
 
 What it holds:
 
@@ -37,6 +36,8 @@ from optuna.trial import TrialState
 ANSWER_FILE = "answer.json"
 DEFAULT_ATTR = "lmtune_default"
 FILL_ATTR = "lmtune_fill"  # a trial drawn at random because the sampler's proposals did not fit the time left
+REFIT_SKIPPED_ATTR = "lmtune_refit_skipped"
+"""Study attribute: the refit that was due (the search trained on a sample) but did not fit in the budget left."""
 MIN_TRIALS_FOR_IMPORTANCE = 3
 """fANOVA needs a few finished trials to fit its forest at all."""
 FEW_TRIALS = 10
@@ -47,12 +48,12 @@ BEST_SHARE = 0.25
 
 def search_seconds(plan: dict[str, Any] | None) -> float | None:
     """The seconds of a study's --budget that trials get, from its ``plan.json``: the budget less the plan's
-    calibration and what is kept back for confirmation and refit (the plan's own count of trials uses the same)."""
+    calibration (spent before the first trial) and what is kept back for confirmation and refit."""
     if not isinstance(plan, dict) or not _finite(plan.get("budget_s")):
         return None
     calibration = plan.get("calibration") if isinstance(plan.get("calibration"), dict) else {}
     spent = sum(float(v) for v in (plan.get("reserve_s"), calibration.get("seconds")) if _finite(v))
-    return max(0.0, float(plan["budget_s"]) - spent)
+    return round(max(0.0, float(plan["budget_s"]) - spent), 1)
 
 
 def compute_answer(study: optuna.Study, *, confirmation: dict[str, Any] | None = None,
@@ -353,10 +354,6 @@ def _refit_view(refit: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     keys = ("search_rows", "refit_rows", "search_value", "refit_value", "kept")
     return {k: refit.get(k) for k in keys}
-
-
-REFIT_SKIPPED_ATTR = "lmtune_refit_skipped"
-"""Study attribute: the refit that was due (the search trained on a sample) but did not fit in the budget left."""
 
 
 def _handed_back(study, done, maximize: bool, refit: dict[str, Any] | None) -> dict[str, Any] | None:

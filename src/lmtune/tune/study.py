@@ -609,8 +609,8 @@ def _tune(run: RunConfig, search: SearchConfig | None, tc: TuneConfig, worker) -
         top, seeds, do_refit, note = finish.fit(study, trial_seconds, left, refit_rows is not None)
         if note:
             log.info(note)
-        if refit_rows is not None and not do_refit:  # the answer says best/ holds a model of the sample, and why
-            study.set_user_attr(REFIT_SKIPPED_ATTR, {
+        if refit_rows is not None:  # when skipped, the answer says best/ holds a model of the sample, and why
+            study.set_user_attr(REFIT_SKIPPED_ATTR, None if do_refit else {
                 "search_rows": n_train, "all_rows": refit_rows, "left_s": round(max(0.0, left or 0.0), 1),
                 "needs_s": round(finish.wanted(study, trial_seconds)[1], 1)})
         if seeds:
@@ -1180,16 +1180,16 @@ def summarize(study, out: Path, metric: str) -> TuneResult:
 
 def _write_outputs(study, out: Path, metric: str, result: TuneResult) -> None:
     rows = leaderboard(study)
-    answer = _write_answer(study, out, result)
-    # The answer's importances (bootstrap medians), not a second fANOVA: a separate run on all trials gave other
-    # numbers for the same parameter (E2E's learning rate 0.46 against the answer's 0.33), and the report drew both.
-    result.importances = {b["parameter"]: b["importance"] for b in answer["importances"]}
-    atomic_write_json(out / "importances.json", result.importances)
     cols = ["trial", "state", metric, "seconds"] + sorted({k for r in rows for k in r["params"]})
     lines = [",".join(cols)]
     for r in rows:
         lines.append(",".join(str(r.get(c, r["params"].get(c, ""))) if r.get(c, r["params"].get(c)) is not None else "" for c in cols))
     atomic_write_text(out / "leaderboard.csv", "\n".join(lines) + "\n")
+    answer = _write_answer(study, out, result)
+    # The answer's importances (bootstrap medians), not a second fANOVA: a separate run on all trials gave other
+    # numbers for the same parameter (E2E's learning rate 0.46 against the answer's 0.33), and the report drew both.
+    result.importances = {b["parameter"]: b["importance"] for b in answer["importances"]}
+    atomic_write_json(out / "importances.json", result.importances)
     log.info("")
     _print_leaderboard(study, metric, every=1, top=10)
     if result.best_trial is not None:
@@ -1222,6 +1222,14 @@ def _write_answer(study, out: Path, result: TuneResult) -> dict[str, Any]:
             confirmation = json.loads((out / "confirm.json").read_text())
         except ValueError:
             confirmation = None
+    refit_record = result.refit
+    if refit_record is None and (out / REFIT_FILE).is_file():  # a rerun of a finished study, or another worker
+        try:
+            refit_record = json.loads((out / REFIT_FILE).read_text())
+        except ValueError:
+            refit_record = None
+        if not isinstance(refit_record, dict) or refit_record.get("trial") != result.best_trial:
+            refit_record = None  # a refit of an earlier best trial says nothing of what best/ holds now
     plan = None
     if (out / "plan.json").is_file():
         try:
@@ -1229,7 +1237,7 @@ def _write_answer(study, out: Path, result: TuneResult) -> dict[str, Any]:
         except ValueError:
             plan = None
     budget_s = plan.get("budget_s") if isinstance(plan, dict) else None
-    answer = compute_answer(study, confirmation=confirmation, refit=result.refit,
+    answer = compute_answer(study, confirmation=confirmation, refit=refit_record,
                             budget_s=budget_s if isinstance(budget_s, (int, float)) else None,
                             search_s=search_seconds(plan))
     atomic_write_json(out / ANSWER_FILE, answer)
