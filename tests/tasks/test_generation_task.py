@@ -134,10 +134,12 @@ def test_bare_prompts_are_put_through_the_training_prompt_template(tiny_llama, t
     assert row["prompt"] == "repeat: good film" and row["completion"] == from_file["completion"], printed
     assert fill_prompt_template(["a"], None) == ["a"]
     assert fill_prompt_template(["a"], "{x:>3} {{x}}") == ["  a {x}"]  # format specs and braces as in training
-    for bad, said in (("{src} -> {tgt}", "fills 2 columns"), ("Q: {", "not a valid template"),
-                      ("{}", "fields must name columns"), ("{x:{w}}", "cannot be filled")):
+    for bad, said in (("{src} -> {tgt}", "fills 2 columns"), ("{}", "fields must name columns"),
+                      ("{x:{w}}", "cannot be filled")):
         with pytest.raises(lmtune.errors.DataError, match=said):
             fill_prompt_template(["a"], bad)
+    with pytest.raises(lmtune.errors.ConfigError, match="not a valid template"):  # as for a file's template
+        fill_prompt_template(["a"], "Q: {")
 
 
 def test_load_gives_a_generation_folder_its_causal_lm(trained):

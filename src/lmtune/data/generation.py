@@ -221,8 +221,9 @@ class _Columns:
         return found[0] if found else None
 
 
-def _template_fields(path: str, template: str, names: list[str]) -> list[str]:
-    """Column names used by ``template``; an unknown or positional field is a one-line error."""
+def template_fields(path: str, template: str, names: list[str] | None = None) -> list[str]:
+    """Column names used by ``template``, in order; a malformed template, a positional field, no field at all or
+    (given the file's column ``names``) an unknown column is a one-line error naming ``path``."""
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as e:
@@ -230,6 +231,7 @@ def _template_fields(path: str, template: str, names: list[str]) -> list[str]:
             f"--prompt-template {template!r}: not a valid template ({e}); write fields as {{column}}",
             key="data.prompt_template",
         ) from None
+    columns = f"; columns: {names}" if names is not None else ""
     fields: list[str] = []
     for _, name, _, _ in parsed:
         if name is None:
@@ -237,19 +239,16 @@ def _template_fields(path: str, template: str, names: list[str]) -> list[str]:
         base = name.split(".", 1)[0].split("[", 1)[0]
         if base == "" or base.isdigit():
             raise DataError(
-                f"{path}: --prompt-template {template!r}: fields must name columns ({{column}}), found {{{name}}}; "
-                f"columns: {names}"
+                f"{path}: --prompt-template {template!r}: fields must name columns ({{column}}), found {{{name}}}{columns}"
             )
-        if base not in names:
+        if names is not None and base not in names:
             raise DataError(
-                f"{path}: --prompt-template {template!r} uses {{{base}}}, which is not a column; columns: {names}"
+                f"{path}: --prompt-template {template!r} uses {{{base}}}, which is not a column{columns}"
             )
         if base not in fields:
             fields.append(base)
     if not fields:
-        raise DataError(
-            f"{path}: --prompt-template {template!r} uses no column; write fields as {{column}}; columns: {names}"
-        )
+        raise DataError(f"{path}: --prompt-template {template!r} uses no column; write fields as {{column}}{columns}")
     return fields
 
 
@@ -290,7 +289,7 @@ def _resolve_columns(
     named = completion_column and (require_completion or any(n.lower() == completion_column.lower() for n in names))
     comp = _find(path, names, completion_column, "--completion-column") if named else None
     if prompt_template is not None:
-        fields = _template_fields(path, prompt_template, names)
+        fields = template_fields(path, prompt_template, names)
         spec = _Spec(None, comp, template=prompt_template, template_fields=fields)
         exclude: list[str | None] = list(fields)
     elif prompt_column:

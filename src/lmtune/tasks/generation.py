@@ -418,11 +418,10 @@ def predict_generation(model_dir: str, data: Any, *, batch_size: int = 16, max_n
     if isinstance(data, GenTable):
         table = data
     elif isinstance(data, (list, Table)):  # bare prompts: a list, or stdin's lines (a Table keeps their numbers)
-        lines = data.line_numbers if isinstance(data, Table) else list(range(1, len(data) + 1))
-        texts = fill_prompt_template(list(data.texts if isinstance(data, Table) else data),
-                                     columns.get("prompt_template") or g.data_cfg.get("prompt_template"))
-        table = GenTable(data.path if isinstance(data, Table) else "<input>",
-                         [GenExample([Message("user", t)], line, True) for t, line in zip(texts, lines)],
+        where, texts, lines = ((data.path, data.texts, data.line_numbers) if isinstance(data, Table)
+                               else ("<input>", data, range(1, len(data) + 1)))
+        texts = fill_prompt_template(texts, columns.get("prompt_template") or g.data_cfg.get("prompt_template"), where)
+        table = GenTable(where, [GenExample([Message("user", t)], line, True) for t, line in zip(texts, lines)],
                          "columns", None, None)
     else:
         table = g.read(data, require_completion=False, empty_text=empty_text, **columns)
@@ -433,27 +432,21 @@ def predict_generation(model_dir: str, data: Any, *, batch_size: int = 16, max_n
             for ex, text in zip(table.examples, decode(g.tokenizer, out_ids))]
 
 
-def fill_prompt_template(texts: list[str], template: str | None) -> list[str]:
+def fill_prompt_template(texts: list[str], template: str | None, where: str = "<input>") -> list[str]:
     """Bare prompts (stdin lines, a Python list) put through the --prompt-template the model was trained with (or
     the one given), so that they read as the training prompts did: each text fills the template's one field. A
     template over several columns cannot be filled from one text: that is an error naming them."""
-    import string
-
+    from lmtune.data.generation import template_fields
     from lmtune.errors import DataError
 
     if not template:
         return list(texts)
-    try:
-        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    except ValueError as e:
-        raise DataError(f"--prompt-template {template!r}: not a valid template ({e}); write fields as {{column}}") from None
-    fields = list(dict.fromkeys(n.split(".", 1)[0].split("[", 1)[0] for n in names))
-    if any(f == "" or f.isdigit() for f in fields):
-        raise DataError(f"--prompt-template {template!r}: fields must name columns ({{column}})")
+    fields = template_fields(where, template)
     if len(fields) != 1:
-        raise DataError(f"--prompt-template {template!r} fills {len(fields)} columns ({', '.join(fields)}) and a bare "
-                        "prompt is one text: pass a file with those columns instead of stdin or a list")
+        raise DataError(f"{where}: --prompt-template {template!r} fills {len(fields)} columns ({', '.join(fields)}) and "
+                        "a bare prompt is one text: pass a file with those columns instead of stdin or a list")
     try:
         return [template.format_map({fields[0]: t}) for t in texts]
     except (ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
-        raise DataError(f"--prompt-template {template!r} cannot be filled with a prompt ({type(e).__name__}: {e})") from None
+        raise DataError(f"{where}: --prompt-template {template!r} cannot be filled with a prompt "
+                        f"({type(e).__name__}: {e})") from None

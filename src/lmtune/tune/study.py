@@ -1216,26 +1216,18 @@ def _write_outputs(study, out: Path, metric: str, result: TuneResult) -> None:
 
 def _write_answer(study, out: Path, result: TuneResult) -> dict[str, Any]:
     """The answer (lmtune.tune.answer), computed once and stored as answer.json for summary.md, the report and --show."""
-    confirmation = None
-    if (out / "confirm.json").is_file():
+    def stored(name: str) -> Any:
+        """A JSON file the study wrote, or None when absent or unreadable."""
         try:
-            confirmation = json.loads((out / "confirm.json").read_text())
+            return json.loads((out / name).read_text()) if (out / name).is_file() else None
         except ValueError:
-            confirmation = None
-    refit_record = result.refit
-    if refit_record is None and (out / REFIT_FILE).is_file():  # a rerun of a finished study, or another worker
-        try:
-            refit_record = json.loads((out / REFIT_FILE).read_text())
-        except ValueError:
-            refit_record = None
-        if not isinstance(refit_record, dict) or refit_record.get("trial") != result.best_trial:
-            refit_record = None  # a refit of an earlier best trial says nothing of what best/ holds now
-    plan = None
-    if (out / "plan.json").is_file():
-        try:
-            plan = json.loads((out / "plan.json").read_text())
-        except ValueError:
-            plan = None
+            return None
+
+    confirmation = stored("confirm.json")
+    refit_record = result.refit or stored(REFIT_FILE)  # read back on a rerun of a finished study, or another worker
+    if not isinstance(refit_record, dict) or refit_record.get("trial") != result.best_trial:
+        refit_record = None  # a refit of an earlier best trial says nothing of what best/ holds now
+    plan = stored("plan.json")
     budget_s = plan.get("budget_s") if isinstance(plan, dict) else None
     answer = compute_answer(study, confirmation=confirmation, refit=refit_record,
                             budget_s=budget_s if isinstance(budget_s, (int, float)) else None,
